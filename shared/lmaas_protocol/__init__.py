@@ -1,0 +1,56 @@
+"""lmaas wire protocol: schemas, tensor encoding, template slots and error codes (pydantic + numpy only)."""
+
+from lmaas_protocol.base import FieldError, WireModel, error_message, error_param
+from lmaas_protocol.errors import HTTP_STATUS, ErrorCode
+from lmaas_protocol.schemas import (
+    Candidate,
+    CandidateResult,
+    ErrorDetail,
+    ErrorResponse,
+    EvaluateRequest,
+    EvaluateResponse,
+    Example,
+    HealthResponse,
+    ModelInfo,
+    ServerLimits,
+    TokenizeRequest,
+    TokenizeResponse,
+    Usage,
+)
+from lmaas_protocol.templates import SLOTS, Segment, parse_template
+from lmaas_protocol.tensors import Tensor
+
+__version__ = "0.1.0"
+API_PREFIX = "/v1"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REQUEST_ID_HEADER = "X-Request-ID"
+
+__all__ = [
+    "API_PREFIX",
+    "HTTP_STATUS",
+    "IDEMPOTENCY_HEADER",
+    "REQUEST_ID_HEADER",
+    "SLOTS",
+    "Candidate",
+    "CandidateResult",
+    "ErrorCode",
+    "ErrorDetail",
+    "ErrorResponse",
+    "EvaluateRequest",
+    "EvaluateResponse",
+    "Example",
+    "FieldError",
+    "HealthResponse",
+    "ModelInfo",
+    "Segment",
+    "ServerLimits",
+    "Tensor",
+    "TokenizeRequest",
+    "TokenizeResponse",
+    "Usage",
+    "WireModel",
+    "__version__",
+    "error_message",
+    "error_param",
+    "parse_template",
+]

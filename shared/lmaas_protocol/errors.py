@@ -1,0 +1,32 @@
+"""Error codes shared by server and client: one code per failure class, each with one HTTP status."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    INVALID_REQUEST = "invalid_request"  # malformed JSON, bad fields, shapes, dtypes, ids, templates
+    UNAUTHORIZED = "unauthorized"  # missing or unknown API key
+    FORBIDDEN = "forbidden"  # revoked or expired key
+    BUDGET_EXHAUSTED = "budget_exhausted"  # not retryable: the call budget cannot cover the request
+    NOT_FOUND = "not_found"
+    GONE = "gone"  # e.g. an evicted cached-input handle
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    RATE_LIMITED = "rate_limited"  # retry after the Retry-After header
+    MODEL_NOT_READY = "model_not_ready"  # still loading; retryable
+    INTERNAL_ERROR = "internal_error"  # nothing was charged
+
+
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_REQUEST: 422,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.BUDGET_EXHAUSTED: 402,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.GONE: 410,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.MODEL_NOT_READY: 503,
+    ErrorCode.INTERNAL_ERROR: 500,
+}
