@@ -1,0 +1,43 @@
+"""Server settings: the only place that reads the environment (variables prefixed ``LMAAS_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lmaas_protocol import schemas
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LMAAS_", env_file=".env", extra="ignore")
+
+    # Model
+    model: str | None = Field(
+        None, description="Hugging Face id, local folder or .gguf file; unset = the offline default (SmolLM2)."
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside a folder or hub repo given as model.")
+    family: Literal["auto", "masked", "causal"] = "auto"
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="'auto' = float32 on CPU, bfloat16 on GPUs that support it, else float16."
+    )
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's own).")
+    cache_dir: Path = Field(Path.home() / ".cache" / "lmaas", description="Converted-model cache (GGUF).")
+
+    # Serving
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    budget: int | None = Field(None, ge=0, description="Calls this server may charge in all; unset = unlimited.")
+
+    # Limits, checked before any compute and published at /v1/model.
+    max_candidates: int = Field(64, ge=1, le=schemas.MAX_CANDIDATES)
+    max_examples: int = Field(1024, ge=1, le=schemas.MAX_EXAMPLES)
+    max_seq_len: int = Field(512, ge=8, description="Tokens per rendered example, prompt included.")
+    max_prompt_length: int = Field(256, ge=0, le=schemas.MAX_PROMPT_TOKENS)
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_batch_tokens: int = Field(
+        16384, ge=64, description="Padded tokens per forward pass; larger populations are split."
+    )

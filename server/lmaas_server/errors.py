@@ -1,0 +1,48 @@
+"""Server-side errors: each carries an ErrorCode and becomes one `ErrorResponse` JSON body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmaas_protocol import HTTP_STATUS, ErrorCode
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        param: str | None = None,
+        status: int | None = None,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+        self.status = status or HTTP_STATUS[code]
+        self.details = details
+        self.headers = headers
+
+
+class InvalidRequest(APIError):
+    def __init__(self, param: str | None, message: str, status: int = 422):
+        super().__init__(ErrorCode.INVALID_REQUEST, message, param=param, status=status)
+
+
+class BudgetExhausted(APIError):
+    """Not retryable: the remaining budget cannot cover the request; nothing was charged."""
+
+    def __init__(self, requested: int, remaining: int):
+        super().__init__(
+            ErrorCode.BUDGET_EXHAUSTED,
+            f"call budget exhausted: {requested} calls requested, {remaining} remaining",
+            details={"requested": requested, "remaining": remaining},
+        )
+
+
+class ModelNotReady(APIError):
+    def __init__(self) -> None:
+        super().__init__(ErrorCode.MODEL_NOT_READY, "the model is not loaded yet", headers={"Retry-After": "5"})

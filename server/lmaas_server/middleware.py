@@ -1,0 +1,87 @@
+"""Pure ASGI middleware: a request id on every request and response, and a hard cap on body size."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lmaas_protocol import REQUEST_ID_HEADER, ErrorCode, ErrorDetail, ErrorResponse
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class RequestContextMiddleware:
+    """Assigns `scope["state"]["request_id"]` (the client's X-Request-ID if sane) and echoes it back."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = _header(scope, REQUEST_ID_HEADER.lower())
+        request_id = given if given and _SAFE_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append((REQUEST_ID_HEADER.lower().encode(), request_id.encode()))
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class BodyLimitMiddleware:
+    """Rejects bodies over `max_bytes` with 413 before the app parses them (Content-Length or streamed)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, "content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._reject(scope, send)
+            return
+        received = 0
+        chunks: list[Message] = []
+        while True:  # read the whole (bounded) body first, then replay it to the app
+            message = await receive()
+            chunks.append(message)
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                await self._reject(scope, send)
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        replay = iter(chunks)
+
+        async def replay_receive() -> Message:
+            return next(replay, None) or await receive()
+
+        await self.app(scope, replay_receive, send)
+
+    async def _reject(self, scope: Scope, send: Send) -> None:
+        detail = ErrorDetail(
+            code=ErrorCode.PAYLOAD_TOO_LARGE,
+            message=f"request body exceeds {self.max_bytes} bytes",
+            request_id=scope.get("state", {}).get("request_id"),
+            details={"max_body_bytes": self.max_bytes},
+        )
+        payload = ErrorResponse(error=detail).model_dump_json().encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _header(scope: Scope, name: str) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.decode("latin-1").lower() == name:
+            return value.decode("latin-1")
+    return None
