@@ -89,9 +89,9 @@ class Engine:
 
     def evaluate(self, request: EvaluateRequest, budget: CallBudget, request_id: str | None = None) -> EvaluateResponse:
         self._check_limits(request)
-        longest_prompt = max(c.prompt_length for c in request.candidates)
+        lengths = [c.prompt_length for c in request.candidates]
         try:
-            rendered = self.renderer.render(request.template, request.examples, longest_prompt, request.truncate)
+            rendered = self.renderer.render(request.template, request.examples, max(lengths), request.truncate, min(lengths))
         except FieldError as exc:
             raise InvalidRequest(exc.param, exc.reason) from None
         prompts = [self._prompt_rows(c) for c in request.candidates]

@@ -51,9 +51,14 @@ class TemplateRenderer:
                 raise ValueError("a masked LM needs a tokenizer with a mask token")
 
     def render(
-        self, template: str, examples: list[Example], prompt_length: int, truncate: bool
+        self, template: str, examples: list[Example], prompt_length: int, truncate: bool, shortest_prompt: int | None = None
     ) -> list[RenderedExample]:
-        """Render every example; over-long ones are shortened (`truncate`) or rejected naming the example."""
+        """Render every example; over-long ones are shortened (`truncate`) or rejected naming the example.
+
+        `prompt_length` is the longest prompt of the request (it bounds the length); `shortest_prompt` the
+        shortest (with it, a causal LM's label position comes earliest and must still exist).
+        """
+        shortest = prompt_length if shortest_prompt is None else shortest_prompt
         segments = parse_template(template)
         if self.causal and not mask_ends_template(segments):
             raise FieldError("template", "for a causal LM {mask} must end the template (it is the answer cue)")
@@ -70,7 +75,7 @@ class TemplateRenderer:
                         f"{self.max_length} (shorten it or set truncate=true)",
                     )
                 rendered[i] = self._truncated(segments, examples[i], prompt_length, i)
-            if self.causal and rendered[i].label_position(prompt_length, True) < 0:
+            if self.causal and rendered[i].label_position(shortest, True) < 0:
                 raise FieldError(f"examples.{i}", "renders to no token before the answer cue")
         return rendered
 

@@ -79,7 +79,7 @@ class Tensor(WireModel):
         """Encode `array` (cast to `dtype`, default: its own if it is a wire dtype)."""
         array = np.asarray(array)
         name = dtype or _wire_name(array.dtype)
-        buffer = np.ascontiguousarray(array, dtype=WIRE_DTYPES[name])
+        buffer = np.asarray(array, dtype=WIRE_DTYPES[name], order="C")  # keeps 0-d shapes, unlike ascontiguousarray
         return cls(dtype=name, shape=list(buffer.shape), data=base64.b64encode(buffer.tobytes()).decode())
 
     @property

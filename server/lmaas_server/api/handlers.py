@@ -9,12 +9,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmaas_protocol import ErrorCode, ErrorDetail, ErrorResponse, error_message, error_param
+from lmaas_protocol import REQUEST_ID_HEADER, ErrorCode, ErrorDetail, ErrorResponse, error_message, error_param
 from lmaas_server.errors import APIError
 
 log = logging.getLogger(__name__)
 
 STARLETTE_CODES = {404: ErrorCode.NOT_FOUND, 413: ErrorCode.PAYLOAD_TOO_LARGE}
+NOT_AN_OBJECT = {"model_attributes_type", "dict_type", "missing", "model_type"}
 
 
 def error_response(request: Request, error: APIError) -> JSONResponse:
@@ -27,7 +28,10 @@ def error_response(request: Request, error: APIError) -> JSONResponse:
             details=error.details,
         )
     )
-    return JSONResponse(body.model_dump(mode="json"), status_code=error.status, headers=error.headers)
+    headers = dict(error.headers or {})
+    if body.error.request_id:  # also set here: Starlette answers 500s outside the request-id middleware
+        headers[REQUEST_ID_HEADER] = body.error.request_id
+    return JSONResponse(body.model_dump(mode="json"), status_code=error.status, headers=headers)
 
 
 async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -40,7 +44,7 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
     if first.get("type") == "json_invalid":
         reason = (first.get("ctx") or {}).get("error", "")
         return error_response(request, APIError(ErrorCode.INVALID_REQUEST, f"malformed JSON body: {reason}", status=400))
-    if tuple(first.get("loc", ())) == ("body",):  # not a JSON object, or no Content-Type: application/json
+    if first.get("type") in NOT_AN_OBJECT and tuple(first.get("loc", ())) == ("body",):  # or no JSON content type
         message = f"the request body must be a JSON object sent as application/json ({first.get('msg')})"
         return error_response(request, APIError(ErrorCode.INVALID_REQUEST, message, status=400))
     details = {"errors": [{"param": error_param(e), "message": error_message(e)} for e in errors[:20]]}
