@@ -9,6 +9,7 @@ script's folder), so the command works from any working directory.  Standard
 library only; the output is deterministic, so re-running it is a no-op in git.
 See data/PROVENANCE.md for what the sources are and data/README.md for the format.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,52 +33,89 @@ SEEDS = (13, 21, 42, 87, 100)
 # License strings are copied from the shared PROVENANCE.md.
 TASKS = {
     "sst2": dict(
-        labels=["negative", "positive"], fmt="glue", cols=(0, None, 1),
-        header=({"sentence"}, None, {"label"}), nfields={2},
+        labels=["negative", "positive"],
+        fmt="glue",
+        cols=(0, None, 1),
+        header=({"sentence"}, None, {"label"}),
+        nfields={2},
         label_map={"0": 0, "1": 1},
-        license='SST-2 (Stanford Sentiment Treebank via GLUE): no explicit license from '
-                'Stanford; HF/GLUE card lists "unknown"; research use.'),
+        license="SST-2 (Stanford Sentiment Treebank via GLUE): no explicit license from "
+        'Stanford; HF/GLUE card lists "unknown"; research use.',
+    ),
     "mrpc": dict(
-        labels=["not_equivalent", "equivalent"], fmt="glue", cols=(3, 4, 0),
-        header=({"#1 String"}, {"#2 String"}, {"Quality"}), nfields={5},
+        labels=["not_equivalent", "equivalent"],
+        fmt="glue",
+        cols=(3, 4, 0),
+        header=({"#1 String"}, {"#2 String"}, {"Quality"}),
+        nfields={5},
         label_map={"0": 0, "1": 1},
-        license='MRPC (Microsoft Research Paraphrase Corpus via GLUE): Microsoft research '
-                'data terms; HF card "unknown".'),
+        license="MRPC (Microsoft Research Paraphrase Corpus via GLUE): Microsoft research "
+        'data terms; HF card "unknown".',
+    ),
     "rte": dict(
-        labels=["entailment", "not_entailment"], fmt="glue", cols=(1, 2, -1),
-        header=({"sentence1"}, {"sentence2"}, {"label"}), nfields={4},
+        labels=["entailment", "not_entailment"],
+        fmt="glue",
+        cols=(1, 2, -1),
+        header=({"sentence1"}, {"sentence2"}, {"label"}),
+        nfields={4},
         label_map={"entailment": 0, "not_entailment": 1},
-        license='RTE (PASCAL RTE 1-3,5 via GLUE): no explicit license; HF card "unknown"; '
-                'research use.'),
+        license='RTE (PASCAL RTE 1-3,5 via GLUE): no explicit license; HF card "unknown"; research use.',
+    ),
     # SNLI rows carry 1 or 5 annotator labels (11 or 15 fields; the header has
     # 11), so the gold label is always the last field, as in LM-BFF.
     "snli": dict(
-        labels=["entailment", "neutral", "contradiction"], fmt="glue", cols=(7, 8, -1),
-        header=({"sentence1"}, {"sentence2"}, {"gold_label"}), nfields={11, 15},
+        labels=["entailment", "neutral", "contradiction"],
+        fmt="glue",
+        cols=(7, 8, -1),
+        header=({"sentence1"}, {"sentence2"}, {"gold_label"}),
+        nfields={11, 15},
         label_map={"entailment": 0, "neutral": 1, "contradiction": 2},
         license="SNLI: CC BY-SA 4.0 (train/dev via GLUE/LM-BFF; test via e-SNLI repo, "
-                "MIT code, SNLI text CC BY-SA 4.0)."),
+        "MIT code, SNLI text CC BY-SA 4.0).",
+    ),
     # RLPrompt labels are already 0-indexed in AG News order World/Sports/Business/Sci-Tech.
     "agnews": dict(
-        labels=["World", "Sports", "Business", "Tech"], fmt="csv", cols=(0, None, 1),
-        header=({"text", "sentence"}, None, {"label"}), nfields={2},
+        labels=["World", "Sports", "Business", "Tech"],
+        fmt="csv",
+        cols=(0, None, 1),
+        header=({"text", "sentence"}, None, {"label"}),
+        nfields={2},
         label_map={str(i): i for i in range(4)},
-        license='AG News (Zhang et al. 2015, from AG\'s corpus): "for non-commercial/academic '
-                'use"; HF card "unknown".'),
+        license='AG News (Zhang et al. 2015, from AG\'s corpus): "for non-commercial/academic use"; HF card "unknown".',
+    ),
     # DBpedia-14 order as in classes.txt; RLPrompt files use 0..13.
     "dbpedia": dict(
-        labels=["Company", "EducationalInstitution", "Artist", "Athlete", "OfficeHolder",
-                "MeanOfTransportation", "Building", "NaturalPlace", "Village", "Animal",
-                "Plant", "Album", "Film", "WrittenWork"],
-        fmt="csv", cols=(0, None, 1), header=({"sentence"}, None, {"label"}), nfields={2},
+        labels=[
+            "Company",
+            "EducationalInstitution",
+            "Artist",
+            "Athlete",
+            "OfficeHolder",
+            "MeanOfTransportation",
+            "Building",
+            "NaturalPlace",
+            "Village",
+            "Animal",
+            "Plant",
+            "Album",
+            "Film",
+            "WrittenWork",
+        ],
+        fmt="csv",
+        cols=(0, None, 1),
+        header=({"sentence"}, None, {"label"}),
+        nfields={2},
         label_map={str(i): i for i in range(14)},
         license="DBpedia-14 (Zhang et al. 2015): CC BY-SA 3.0 and GNU FDL "
-                "(see LICENSE-NOTICE.txt alongside, a verbatim copy of the dataset readme.txt)."),
+        "(see LICENSE-NOTICE.txt alongside, a verbatim copy of the dataset readme.txt).",
+    ),
 }
 PAIR_TASKS = {"mrpc", "rte", "snli"}
 # Files copied verbatim next to the converted data (license notice must travel with it).
-VERBATIM = {"dbpedia/test_ordered_prompt/readme.txt": "dbpedia/LICENSE-NOTICE.txt",
-            "dbpedia/test_ordered_prompt/classes.txt": "dbpedia/classes.txt"}
+VERBATIM = {
+    "dbpedia/test_ordered_prompt/readme.txt": "dbpedia/LICENSE-NOTICE.txt",
+    "dbpedia/test_ordered_prompt/classes.txt": "dbpedia/classes.txt",
+}
 
 
 class ConversionError(Exception):
@@ -106,7 +144,7 @@ def verify_sources(src: Path) -> list[dict]:
             lmbff[name.strip()] = digest
     for entry in prov:
         if entry["path"].startswith("data/k-shot/") and entry["path"].endswith(".tsv"):
-            key = entry["path"][len("data/k-shot/"):]
+            key = entry["path"][len("data/k-shot/") :]
             if lmbff.get(key) != entry["md5"]:
                 raise ConversionError(f"{entry['dest']} does not match LM-BFF checksum for {key}")
     return prov
@@ -140,7 +178,7 @@ def parse_tsv(task: str, path: Path) -> tuple[list[dict], int]:
     spec = TASKS[task]
     rows = read_rows(path, spec["fmt"])
     header, body = rows[0], rows[1:]
-    for col, allowed in zip(spec["cols"], spec["header"]):
+    for col, allowed in zip(spec["cols"], spec["header"], strict=False):
         if allowed is not None and header[col] not in allowed:
             raise ConversionError(f"{path}: unexpected header {header!r}")
     examples, dropped = [], 0
@@ -154,20 +192,18 @@ def parse_tsv(task: str, path: Path) -> tuple[list[dict], int]:
             continue
         if raw not in spec["label_map"]:
             raise ConversionError(f"{path}:{n}: unknown label {raw!r}")
-        examples.append(make_example(task, fields[ia], None if ib is None else fields[ib],
-                                     spec["label_map"][raw]))
+        examples.append(make_example(task, fields[ia], None if ib is None else fields[ib], spec["label_map"][raw]))
     return examples, dropped
 
 
 def parse_snli_test(src: Path) -> tuple[list[dict], int]:
     """e-SNLI test: three line-aligned files (premise, hypothesis, label)."""
     d = src / "snli/test_esnli"
-    s1, s2, lab = (read_text(d / f).rstrip("\n").split("\n")
-                   for f in ("s1.test", "s2.test", "labels.test"))
+    s1, s2, lab = (read_text(d / f).rstrip("\n").split("\n") for f in ("s1.test", "s2.test", "labels.test"))
     if not len(s1) == len(s2) == len(lab):
         raise ConversionError(f"{d}: s1/s2/labels line counts differ")
     label_map, examples, dropped = TASKS["snli"]["label_map"], [], 0
-    for n, (a, b, raw) in enumerate(zip(s1, s2, lab), start=1):
+    for n, (a, b, raw) in enumerate(zip(s1, s2, lab, strict=False), start=1):
         raw = raw.strip()
         if raw == "-":
             dropped += 1
@@ -222,8 +258,10 @@ def check_texts(task: str, splits: dict[str, list[dict]]) -> list[str]:
                 if not text:
                     warnings.append(f"{task}/{name} example {i}: empty {field}")
                 elif "\t" in text or "\ufeff" in text:
-                    warnings.append(f"{task}/{name} example {i}: {field} contains "
-                                    f"{'a tab' if chr(9) in text else 'U+FEFF'} (kept as in source)")
+                    warnings.append(
+                        f"{task}/{name} example {i}: {field} contains "
+                        f"{'a tab' if chr(9) in text else 'U+FEFF'} (kept as in source)"
+                    )
     return warnings
 
 
@@ -240,22 +278,26 @@ def dumps(obj) -> str:
 def build_meta(task: str, splits, dropped, warnings, prov) -> dict:
     spec = TASKS[task]
     n = len(spec["labels"])
-    seen = {(ex["text_a"], ex.get("text_b")) for name, rows in splits.items()
-            if name != "test" for ex in rows}
+    seen = {(ex["text_a"], ex.get("text_b")) for name, rows in splits.items() if name != "test" for ex in rows}
     return {
         "task": task,
         "label_names": spec["labels"],
         "text_fields": ["text_a", "text_b"] if task in PAIR_TASKS else ["text_a"],
-        "splits": {name: {"count": len(rows),
-                          "per_class": [sum(ex["label"] == k for ex in rows) for k in range(n)],
-                          "dropped_rows": dropped[name]}
-                   for name, rows in splits.items()},
-        "test_examples_also_in_train_or_dev": sum(
-            (ex["text_a"], ex.get("text_b")) in seen for ex in splits["test"]),
+        "splits": {
+            name: {
+                "count": len(rows),
+                "per_class": [sum(ex["label"] == k for ex in rows) for k in range(n)],
+                "dropped_rows": dropped[name],
+            }
+            for name, rows in splits.items()
+        },
+        "test_examples_also_in_train_or_dev": sum((ex["text_a"], ex.get("text_b")) in seen for ex in splits["test"]),
         "warnings": warnings,
-        "sources": [{"file": e["dest"], "repo": e["repo"], "commit": e["commit"],
-                     "path": e["path"], "md5": e["md5"]}
-                    for e in prov if e["dest"].startswith(task + "/")],
+        "sources": [
+            {"file": e["dest"], "repo": e["repo"], "commit": e["commit"], "path": e["path"], "md5": e["md5"]}
+            for e in prov
+            if e["dest"].startswith(task + "/")
+        ],
         "license": spec["license"],
         "conversion_script": SCRIPT_REL,
     }
@@ -271,10 +313,11 @@ def convert(src: Path, dst: Path) -> None:
             out = dst / task / f"{name}.jsonl"
             write_text(out, "".join(dumps(ex) + "\n" for ex in rows))
         meta = build_meta(task, splits, dropped, warnings, prov)
-        write_text(dst / task / "meta.json",
-                   json.dumps(meta, ensure_ascii=False, sort_keys=True, indent=2) + "\n")
-        counts = " ".join(f"{k}={v['count']}" + (f"(-{v['dropped_rows']})" if v["dropped_rows"] else "")
-                          for k, v in meta["splits"].items())
+        write_text(dst / task / "meta.json", json.dumps(meta, ensure_ascii=False, sort_keys=True, indent=2) + "\n")
+        counts = " ".join(
+            f"{k}={v['count']}" + (f"(-{v['dropped_rows']})" if v["dropped_rows"] else "")
+            for k, v in meta["splits"].items()
+        )
         print(f"{task}: {counts}")
         for w in warnings:
             print(f"  WARNING {w}")
@@ -286,10 +329,8 @@ def convert(src: Path, dst: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--src", default="../shared/data",
-                    help="raw data folder (relative paths: from the repo root)")
-    ap.add_argument("--dst", default="data",
-                    help="output folder (relative paths: from the repo root)")
+    ap.add_argument("--src", default="../shared/data", help="raw data folder (relative paths: from the repo root)")
+    ap.add_argument("--dst", default="data", help="output folder (relative paths: from the repo root)")
     args = ap.parse_args(argv)
     src, dst = (REPO_ROOT / p for p in (args.src, args.dst))  # absolute paths win in '/'
     try:

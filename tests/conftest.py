@@ -57,7 +57,7 @@ class LiveServer:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "LiveServer":
+    def __enter__(self) -> LiveServer:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -74,7 +74,6 @@ class LiveServer:
 @pytest.fixture
 def live_server(engines) -> Iterator:
     """Factory: `with live_server("llama", budget=10) as server:` serves a tiny model over real HTTP."""
-    from lmaas_server.config import Settings
     from lmaas_server.main import create_app
 
     def start(kind: str = "llama", **settings_overrides) -> LiveServer:

@@ -17,10 +17,14 @@ def main() -> None:
 
 @app.command()
 def serve(
-    model: Annotated[Optional[str], typer.Option(help="HF id, local folder or .gguf file [default: SmolLM2-135M-Instruct, offline]")] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="HF id, local folder or .gguf file [default: SmolLM2-135M-Instruct, offline]")
+    ] = None,
     host: Annotated[Optional[str], typer.Option(help="Interface to bind [default: 127.0.0.1]")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port [default: 8000]")] = None,
-    budget: Annotated[Optional[int], typer.Option(help="Total calls this server may charge [default: unlimited]")] = None,
+    budget: Annotated[
+        Optional[int], typer.Option(help="Total calls this server may charge [default: unlimited]")
+    ] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
     family: Annotated[Optional[str], typer.Option(help="auto, masked or causal")] = None,
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",

@@ -91,7 +91,9 @@ class Engine:
         self._check_limits(request)
         lengths = [c.prompt_length for c in request.candidates]
         try:
-            rendered = self.renderer.render(request.template, request.examples, max(lengths), request.truncate, min(lengths))
+            rendered = self.renderer.render(
+                request.template, request.examples, max(lengths), request.truncate, min(lengths)
+            )
         except FieldError as exc:
             raise InvalidRequest(exc.param, exc.reason) from None
         prompts = [self._prompt_rows(c) for c in request.candidates]
@@ -125,7 +127,9 @@ class Engine:
         hidden = self.info.hidden_size
         for i, candidate in enumerate(request.candidates):
             if candidate.prompt_length > s.max_prompt_length:
-                raise InvalidRequest(f"candidates.{i}", f"prompt of {candidate.prompt_length} tokens exceeds {s.max_prompt_length}")
+                raise InvalidRequest(
+                    f"candidates.{i}", f"prompt of {candidate.prompt_length} tokens exceeds {s.max_prompt_length}"
+                )
             if candidate.prompt_token_ids is not None:
                 self._check_ids(candidate.prompt_token_ids, f"candidates.{i}.prompt_token_ids")
             if candidate.soft_prompt is not None and candidate.soft_prompt.shape[1] != hidden:
@@ -137,7 +141,9 @@ class Engine:
     def _check_ids(self, ids: list[int], param: str) -> None:
         for j, token in enumerate(ids):
             if token >= self.vocab_size:
-                raise InvalidRequest(f"{param}.{j}", f"token id {token} is not below the vocabulary size {self.vocab_size}")
+                raise InvalidRequest(
+                    f"{param}.{j}", f"token id {token} is not below the vocabulary size {self.vocab_size}"
+                )
 
     def _prompt_rows(self, candidate) -> PromptRows:
         soft = None
@@ -164,6 +170,11 @@ def embedding_std(embedding: torch.nn.Module) -> float:
 
 def _model_max_length(loaded: LoadedModel) -> int:
     config = loaded.model.config
-    limits = [getattr(config, "max_position_embeddings", None), getattr(loaded.tokenizer, "model_max_length", None)]
+    positions = getattr(config, "max_position_embeddings", None)
+    embeddings = getattr(loaded.model.base_model, "embeddings", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    if isinstance(positions, int) and isinstance(padding_idx, int):
+        positions -= padding_idx + 1  # RoBERTa-style position ids start after the padding index
+    limits = [positions, getattr(loaded.tokenizer, "model_max_length", None)]
     finite = [int(v) for v in limits if isinstance(v, int) and 0 < v < 1_000_000]
     return min(finite) if finite else 2048

@@ -51,7 +51,12 @@ class TemplateRenderer:
                 raise ValueError("a masked LM needs a tokenizer with a mask token")
 
     def render(
-        self, template: str, examples: list[Example], prompt_length: int, truncate: bool, shortest_prompt: int | None = None
+        self,
+        template: str,
+        examples: list[Example],
+        prompt_length: int,
+        truncate: bool,
+        shortest_prompt: int | None = None,
     ) -> list[RenderedExample]:
         """Render every example; over-long ones are shortened (`truncate`) or rejected naming the example.
 

@@ -176,7 +176,8 @@ class EvaluateRequest(WireModel):
         for i, example in enumerate(self.examples):
             if example.label is not None and example.label >= len(self.verbalizer):
                 raise FieldError(
-                    f"examples.{i}.label", f"{example.label} is not a class of the {len(self.verbalizer)}-class verbalizer"
+                    f"examples.{i}.label",
+                    f"{example.label} is not a class of the {len(self.verbalizer)}-class verbalizer",
                 )
         slots = template_slots(self.template)
         if "text_b" in slots:

@@ -61,7 +61,7 @@ class Tensor(WireModel):
             raise FieldError(
                 "data",
                 f"{len(raw)} bytes do not match shape {self.shape} of {self.dtype} "
-                f"({count * dtype.itemsize} bytes expected)"
+                f"({count * dtype.itemsize} bytes expected)",
             )
         array = np.frombuffer(raw, dtype=dtype).reshape(self.shape)
         if self.dtype in FLOAT_DTYPES and not np.isfinite(array).all():
@@ -81,6 +81,13 @@ class Tensor(WireModel):
         name = dtype or _wire_name(array.dtype)
         buffer = np.asarray(array, dtype=WIRE_DTYPES[name], order="C")  # keeps 0-d shapes, unlike ascontiguousarray
         return cls(dtype=name, shape=list(buffer.shape), data=base64.b64encode(buffer.tobytes()).decode())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Tensor):
+            return NotImplemented
+        return (self.dtype, self.shape, self.data) == (other.dtype, other.shape, other.data)
+
+    __hash__ = None  # mutable model, like other pydantic models
 
     @property
     def nbytes(self) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from lmaas_protocol import EvaluateRequest, ErrorResponse, ModelInfo
+from lmaas_protocol import ErrorResponse, EvaluateRequest, ModelInfo
 from lmaas_server.budget import CallBudget
 from lmaas_server.main import create_app
 from tests.conftest import LiveServer
@@ -95,7 +95,10 @@ def test_health_model_tokenize_and_evaluate(live_server, engines, kind):
         assert info["embedding_std"] == pytest.approx(weight.std(ddof=1), rel=1e-4)
         assert info["max_length"] == 128
         assert info["limits"] == {
-            "max_candidates": 64, "max_examples": 1024, "max_seq_len": 128, "max_prompt_length": 256,
+            "max_candidates": 64,
+            "max_examples": 1024,
+            "max_seq_len": 128,
+            "max_prompt_length": 256,
             "max_body_bytes": 64 * 1024 * 1024,
         }
         assert info["mask_token"] == ("[MASK]" if kind == "bert" else None)
@@ -147,7 +150,10 @@ def test_openapi_lists_the_four_endpoints_and_docs_serve_html(engines):
     client = TestClient(create_app(engine.settings, engine=engine))
     schema = client.get("/openapi.json").json()
     assert {path: set(ops) for path, ops in schema["paths"].items()} == {
-        "/v1/health": {"get"}, "/v1/model": {"get"}, "/v1/tokenize": {"post"}, "/v1/evaluate": {"post"},
+        "/v1/health": {"get"},
+        "/v1/model": {"get"},
+        "/v1/tokenize": {"post"},
+        "/v1/evaluate": {"post"},
     }
     evaluate = schema["paths"]["/v1/evaluate"]["post"]
     assert evaluate["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/EvaluateRequest")
@@ -289,12 +295,20 @@ BAD_INPUTS = {
     "prompt-too-long": Bad(ev(setter("candidates.0", {"prompt_token_ids": [5] * 257})), 422, "candidates.0"),
     # 422: token ids
     "verbalizer-id-over-vocab": Bad(ev(setter("verbalizer.1", lambda info: [info.vocab_size])), 422, "verbalizer.1.0"),
-    "verbalizer-second-word-over-vocab": Bad(ev(setter("verbalizer.0", lambda info: [5, info.vocab_size + 7])), 422, "verbalizer.0.1"),
+    "verbalizer-second-word-over-vocab": Bad(
+        ev(setter("verbalizer.0", lambda info: [5, info.vocab_size + 7])), 422, "verbalizer.0.1"
+    ),
     "verbalizer-negative-id": Bad(ev(setter("verbalizer.1", [-1])), 422, "verbalizer.1.0"),
     "verbalizer-empty-class": Bad(ev(setter("verbalizer.1", [])), 422, "verbalizer.1"),
     "verbalizer-one-class": Bad(ev(setter("verbalizer", [[5]])), 422, "verbalizer"),
-    "prompt-id-over-vocab": Bad(ev(setter("candidates.0", lambda info: {"prompt_token_ids": [5, info.vocab_size]})), 422, "candidates.0.prompt_token_ids.1"),
-    "prompt-id-negative": Bad(ev(setter("candidates.0", {"prompt_token_ids": [5, -1]})), 422, "candidates.0.prompt_token_ids.1"),
+    "prompt-id-over-vocab": Bad(
+        ev(setter("candidates.0", lambda info: {"prompt_token_ids": [5, info.vocab_size]})),
+        422,
+        "candidates.0.prompt_token_ids.1",
+    ),
+    "prompt-id-negative": Bad(
+        ev(setter("candidates.0", {"prompt_token_ids": [5, -1]})), 422, "candidates.0.prompt_token_ids.1"
+    ),
     # 422: templates
     "template-unknown-slot": Bad(ev(setter("template", "{prompt}{text_a} {foo}{mask}")), 422, "template"),
     "template-no-mask": Bad(ev(setter("template", "{prompt}{text_a} It was")), 422, "template"),
@@ -319,12 +333,20 @@ BAD_INPUTS = {
     "over-max-candidates": Bad(ev(setter("candidates", [{}, {}, {}])), 422, "candidates"),
     "over-max-examples": Bad(ev(setter("examples", [{"text_a": "fun", "label": 0}] * 4)), 422, "examples"),
     "tokenize-no-texts": Bad(raw("POST", "/v1/tokenize", json_body={"texts": []}, content_type=None), 422, "texts"),
-    "tokenize-texts-not-a-list": Bad(raw("POST", "/v1/tokenize", json_body={"texts": "a"}, content_type=None), 422, "texts"),
-    "tokenize-unknown-field": Bad(raw("POST", "/v1/tokenize", json_body={"texts": ["a"], "foo": 1}, content_type=None), 422, "foo"),
-    "tokenize-over-max-texts": Bad(raw("POST", "/v1/tokenize", json_body={"texts": ["a"] * 4}, content_type=None), 422, "texts"),
+    "tokenize-texts-not-a-list": Bad(
+        raw("POST", "/v1/tokenize", json_body={"texts": "a"}, content_type=None), 422, "texts"
+    ),
+    "tokenize-unknown-field": Bad(
+        raw("POST", "/v1/tokenize", json_body={"texts": ["a"], "foo": 1}, content_type=None), 422, "foo"
+    ),
+    "tokenize-over-max-texts": Bad(
+        raw("POST", "/v1/tokenize", json_body={"texts": ["a"] * 4}, content_type=None), 422, "texts"
+    ),
     # 413, 404, 405
     "body-over-max-bytes": Bad(raw("POST", "/v1/evaluate", too_big), 413, code="payload_too_large", server="small"),
-    "chunked-body-over-max-bytes": Bad(raw("POST", "/v1/evaluate", chunked), 413, code="payload_too_large", server="small"),
+    "chunked-body-over-max-bytes": Bad(
+        raw("POST", "/v1/evaluate", chunked), 413, code="payload_too_large", server="small"
+    ),
     "unknown-route": Bad(raw("GET", "/v1/nope"), 404, code="not_found"),
     "unknown-version": Bad(raw("GET", "/v2/health"), 404, code="not_found"),
     "unknown-sub-route": Bad(raw("POST", "/v1/evaluate/now", b"{}"), 404, code="not_found"),
@@ -342,7 +364,9 @@ def test_bad_input_gets_its_status_code_and_param_and_is_not_charged(table_serve
     client, app = table_servers["clients"][case.server], table_servers["apps"][case.server]
     request_id = f"case-{request.node.callspec.id}"[:64]
     used = app.state.budget.used
-    response = case.send(client, copy.deepcopy(table_servers["body"]), table_servers["info"], {"X-Request-ID": request_id})
+    response = case.send(
+        client, copy.deepcopy(table_servers["body"]), table_servers["info"], {"X-Request-ID": request_id}
+    )
     error = assert_error(response, case.status, case.code, case.param)
     assert error["request_id"] == request_id
     if case.status == 422 and error["details"] is not None:  # pydantic errors: every one, with its param
@@ -403,7 +427,9 @@ def test_budget_is_reserved_per_candidate_and_exhaustion_is_402(live_server, eng
 def test_a_sane_request_id_is_echoed_in_headers_and_bodies(live_server, given):
     with live_server("llama") as server, httpx.Client(base_url=server.url, headers={"X-Request-ID": given}) as client:
         assert client.get("/v1/health").headers["x-request-id"] == given
-        error = assert_error(client.post("/v1/evaluate", json={"template": "{text_a}"}), 422, "invalid_request", "template")
+        error = assert_error(
+            client.post("/v1/evaluate", json={"template": "{text_a}"}), 422, "invalid_request", "template"
+        )
         assert error["request_id"] == given
         assert assert_error(client.get("/v1/nope"), 404, "not_found")["request_id"] == given
         response = client.post("/v1/evaluate", json=evaluate_body("causal", [[5], [6]], [{}]))
@@ -420,7 +446,9 @@ def test_an_absent_or_unsafe_request_id_is_replaced(live_server, given):
             assert GENERATED_ID.match(health.headers["x-request-id"]), health.headers
             seen.add(health.headers["x-request-id"])
         assert len(seen) == 2  # a fresh id per request
-        error = assert_error(client.post("/v1/evaluate", json={"foo": 1}, headers=headers), 422, "invalid_request", "template")
+        error = assert_error(
+            client.post("/v1/evaluate", json={"foo": 1}, headers=headers), 422, "invalid_request", "template"
+        )
         assert GENERATED_ID.match(error["request_id"]) and error["request_id"] != given
         response = client.post("/v1/evaluate", json=evaluate_body("causal", [[5], [6]], [{}]), headers=headers)
         assert response.json()["request_id"] == response.headers["x-request-id"]
@@ -442,7 +470,9 @@ def exploding_client(engines, monkeypatch):
 
 def test_internal_error_is_500_in_the_error_shape_and_not_charged(exploding_client):
     app, client = exploding_client
-    response = client.post("/v1/evaluate", json=evaluate_body("causal", [[5], [6]], [{}, {}]), headers={"X-Request-ID": "boom-1"})
+    response = client.post(
+        "/v1/evaluate", json=evaluate_body("causal", [[5], [6]], [{}, {}]), headers={"X-Request-ID": "boom-1"}
+    )
     assert response.status_code == 500
     body = response.json()
     assert set(body["error"]) == ERROR_KEYS and body["error"]["code"] == "internal_error"
@@ -454,7 +484,9 @@ def test_internal_error_is_500_in_the_error_shape_and_not_charged(exploding_clie
 
 def test_internal_error_response_carries_the_request_id_header(exploding_client):
     _, client = exploding_client
-    response = client.post("/v1/evaluate", json=evaluate_body("causal", [[5], [6]], [{}]), headers={"X-Request-ID": "boom-2"})
+    response = client.post(
+        "/v1/evaluate", json=evaluate_body("causal", [[5], [6]], [{}]), headers={"X-Request-ID": "boom-2"}
+    )
     assert response.status_code == 500
     assert response.headers.get("x-request-id") == "boom-2"
 
@@ -471,7 +503,9 @@ def test_example_with_no_token_before_the_answer_cue_is_rejected(live_server):
     }
     with live_server("llama", budget=10) as server, httpx.Client(base_url=server.url) as client:
         assert_error(client.post("/v1/evaluate", json=body), 422, "invalid_request", "examples.0")
-        ok = client.post("/v1/evaluate", json={**body, "candidates": [{"soft_prompt": soft(2)}]})  # the prompt precedes the cue
+        ok = client.post(
+            "/v1/evaluate", json={**body, "candidates": [{"soft_prompt": soft(2)}]}
+        )  # the prompt precedes the cue
         assert ok.status_code == 200 and ok.json()["usage"]["budget_remaining"] == 9
 
 

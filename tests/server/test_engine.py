@@ -58,7 +58,11 @@ def reference_logits(engine, text: str, prompt: np.ndarray) -> np.ndarray:
         label_at = len(before) + len(prompt) + len(middle) - 1
     emb = model.get_input_embeddings()
     with torch.no_grad():
-        parts = [emb(torch.tensor(pieces[0], dtype=torch.long)), torch.from_numpy(prompt.copy()), emb(torch.tensor(pieces[1]))]
+        parts = [
+            emb(torch.tensor(pieces[0], dtype=torch.long)),
+            torch.from_numpy(prompt.copy()),
+            emb(torch.tensor(pieces[1])),
+        ]
         embeds = torch.cat(parts).unsqueeze(0)
         logits = model(inputs_embeds=embeds).logits[0, label_at]
     return np.array([logits[w[0]].item() for w in words])
@@ -73,7 +77,9 @@ def test_soft_prompt_changes_logits_and_reproduces_a_direct_forward(engines, kin
     assert np.abs(none - prompted).max() > 1e-3  # the prompt is not ignored
     expected = np.stack([reference_logits(engine, t, candidate.soft_prompt.to_numpy()) for t in TEXTS])
     np.testing.assert_allclose(prompted, expected, atol=1e-4, rtol=1e-4)
-    expected_none = np.stack([reference_logits(engine, t, np.zeros((0, engine.info.hidden_size), np.float32)) for t in TEXTS])
+    expected_none = np.stack(
+        [reference_logits(engine, t, np.zeros((0, engine.info.hidden_size), np.float32)) for t in TEXTS]
+    )
     np.testing.assert_allclose(none, expected_none, atol=1e-4, rtol=1e-4)
 
 
@@ -100,7 +106,9 @@ def test_soft_prompt_is_added_to_token_embeddings(engines, kind):
     offset = np.random.default_rng(0).normal(0, 0.5, table[ids].shape).astype(np.float32)  # not constant: LayerNorm
     added = Candidate(prompt_token_ids=ids, soft_prompt=Tensor.from_numpy(offset))
     shifted = Candidate(soft_prompt=Tensor.from_numpy(table[ids] + offset))
-    result = logits_of(engine.evaluate(request(engine, [as_tokens, as_vectors, zero_added, added, shifted]), CallBudget(None)))
+    result = logits_of(
+        engine.evaluate(request(engine, [as_tokens, as_vectors, zero_added, added, shifted]), CallBudget(None))
+    )
     np.testing.assert_allclose(result[0], result[1], atol=1e-4)
     np.testing.assert_allclose(result[0], result[2], atol=1e-5)
     np.testing.assert_allclose(result[3], result[4], atol=1e-4)

@@ -71,15 +71,21 @@ def build_model(kind: str, vocab_size: int, pad_id: int) -> torch.nn.Module:
     torch.manual_seed(0)
     common = dict(vocab_size=vocab_size, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2)
     if kind == "bert":
-        return BertForMaskedLM(BertConfig(intermediate_size=64, max_position_embeddings=128, pad_token_id=pad_id, **common))
+        return BertForMaskedLM(
+            BertConfig(intermediate_size=64, max_position_embeddings=128, pad_token_id=pad_id, **common)
+        )
     if kind == "roberta":
         config = RobertaConfig(intermediate_size=64, max_position_embeddings=130, pad_token_id=pad_id, **common)
         return RobertaForMaskedLM(config)
     if kind == "llama":
-        config = LlamaConfig(intermediate_size=64, max_position_embeddings=128, num_key_value_heads=1, pad_token_id=pad_id, **common)
+        config = LlamaConfig(
+            intermediate_size=64, max_position_embeddings=128, num_key_value_heads=1, pad_token_id=pad_id, **common
+        )
         return LlamaForCausalLM(config)
     if kind == "gpt2":
-        config = GPT2Config(vocab_size=vocab_size, n_embd=HIDDEN, n_layer=LAYERS, n_head=2, n_positions=128, pad_token_id=pad_id)
+        config = GPT2Config(
+            vocab_size=vocab_size, n_embd=HIDDEN, n_layer=LAYERS, n_head=2, n_positions=128, pad_token_id=pad_id
+        )
         return GPT2LMHeadModel(config)
     raise ValueError(kind)
 

@@ -43,7 +43,9 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
     first = errors[0] if errors else {"msg": "invalid request"}
     if first.get("type") == "json_invalid":
         reason = (first.get("ctx") or {}).get("error", "")
-        return error_response(request, APIError(ErrorCode.INVALID_REQUEST, f"malformed JSON body: {reason}", status=400))
+        return error_response(
+            request, APIError(ErrorCode.INVALID_REQUEST, f"malformed JSON body: {reason}", status=400)
+        )
     if first.get("type") in NOT_AN_OBJECT and tuple(first.get("loc", ())) == ("body",):  # or no JSON content type
         message = f"the request body must be a JSON object sent as application/json ({first.get('msg')})"
         return error_response(request, APIError(ErrorCode.INVALID_REQUEST, message, status=400))

@@ -45,5 +45,7 @@ def tokenize(request: TokenizeRequest, engine: EngineDep) -> TokenizeResponse:
         "(with labels). Charges one call per candidate. Nothing else leaves the server."
     ),
 )
-def evaluate(request: EvaluateRequest, engine: EngineDep, budget: BudgetDep, request_id: RequestIdDep) -> EvaluateResponse:
+def evaluate(
+    request: EvaluateRequest, engine: EngineDep, budget: BudgetDep, request_id: RequestIdDep
+) -> EvaluateResponse:
     return engine.evaluate(request, budget, request_id)

@@ -1,0 +1,37 @@
+"""lmaas edge client: HTTP client, tasks and derivative-free tuners. Never imports torch."""
+
+from lmaas_client.client import DEFAULT_BASE_URL, LMaaSClient
+from lmaas_client.errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    BudgetExhaustedError,
+    LMaaSError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RateLimitedError,
+    ServerError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BadRequestError",
+    "BudgetExhaustedError",
+    "LMaaSClient",
+    "LMaaSError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "RateLimitedError",
+    "ServerError",
+    "__version__",
+]

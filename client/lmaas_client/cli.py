@@ -1,0 +1,182 @@
+"""`lmaas`: tune prompts against an lmaas server and re-score saved prompts."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lmaas_client.client import DEFAULT_BASE_URL, LMaaSClient
+from lmaas_client.data import load_split, resolve_data_dir, stratified_subsample
+from lmaas_client.errors import BudgetExhaustedError, LMaaSError
+from lmaas_client.evaluation import TaskScorer
+from lmaas_client.prompt_io import load_prompt
+from lmaas_client.runner import Progress as RunProgress
+from lmaas_client.runner import RunConfig, run_tuning
+from lmaas_client.tasks import TASKS, TaskError, get_task
+from lmaas_client.tuners import TUNERS, make_tuner
+
+app = typer.Typer(help="lmaas client: black-box prompt tuning over HTTP.", no_args_is_help=True)
+console = Console(stderr=True)
+
+Server = Annotated[str, typer.Option(envvar="LMAAS_SERVER", help="Server base URL.")]
+ApiKey = Annotated[Optional[str], typer.Option(envvar="LMAAS_API_KEY", help="API key (Bearer).", show_default=False)]
+Seed = Annotated[int, typer.Option(help="Few-shot split (16-<seed>) and tuner seed: 13, 21, 42, 87 or 100.")]
+TestSize = Annotated[Optional[int], typer.Option(min=1, help="Stratified, seeded test subsample size [default: full].")]
+DataDir = Annotated[
+    Optional[Path], typer.Option(help="Folder with the task data [default: ./data or $LMAAS_DATA_DIR].")
+]
+
+EXIT_ERROR, EXIT_BUDGET = 1, 3
+
+
+@app.command()
+def info(server: Server = DEFAULT_BASE_URL, api_key: ApiKey = None) -> None:
+    """Show the served model and the server's limits."""
+    with _errors(), LMaaSClient(server, api_key=api_key) as client:
+        typer.echo(client.model_info().model_dump_json(indent=2))
+
+
+@app.command()
+def tune(
+    out: Annotated[Path, typer.Option(help="Run folder: result.json and prompt.npz are written here.")],
+    server: Server = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+    task: Annotated[str, typer.Option(help=f"Task: {', '.join(sorted(TASKS))}.")] = "sst2",
+    method: Annotated[str, typer.Option(help=f"Tuning method: {', '.join(sorted(TUNERS))}.")] = "bbt",
+    budget: Annotated[int, typer.Option(min=1, help="Calls on the training set (one per candidate).")] = 8000,
+    seed: Seed = 42,
+    placement: Annotated[str, typer.Option(help="prefix (as the papers) or suffix (after the text).")] = "prefix",
+    eval_every: Annotated[int, typer.Option(min=1, help="Calls between dev evaluations.")] = 100,
+    test_size: TestSize = None,
+    data_dir: DataDir = None,
+    popsize: Annotated[Optional[int], typer.Option(help="Shortcut for -o popsize=N.")] = None,
+    prompt_length: Annotated[Optional[int], typer.Option(help="Shortcut for -o prompt_length=N.")] = None,
+    intrinsic_dim: Annotated[Optional[int], typer.Option(help="Shortcut for -o intrinsic_dim=N.")] = None,
+    option: Annotated[
+        Optional[list[str]], typer.Option("--option", "-o", help="Method option KEY=VALUE (repeatable).")
+    ] = None,
+) -> None:
+    """Tune a prompt for a task with a black-box method, under a call budget."""
+    options = _parse_options(option or [])
+    shortcuts = {"popsize": popsize, "prompt_length": prompt_length, "intrinsic_dim": intrinsic_dim}
+    options.update({k: v for k, v in shortcuts.items() if v is not None})
+    options.setdefault("seed", seed)
+    if placement not in ("prefix", "suffix"):
+        raise typer.BadParameter("must be prefix or suffix", param_hint="--placement")
+    config = RunConfig(task, method, budget, seed, placement, eval_every, test_size,
+                       str(data_dir) if data_dir else None, options)  # fmt: skip
+    with _errors(), LMaaSClient(server, api_key=api_key) as client:
+        spec = get_task(task)
+        tuner = make_tuner(method, client.model_info(), **options)
+        out.mkdir(parents=True, exist_ok=True)
+        with _progress_bar(budget) as update:
+            result = run_tuning(client, spec, tuner, config, out, on_progress=update)
+        (out / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    console.print(
+        f"[bold]{task}/{method}[/] seed {seed}: manual prompt {result.manual_prompt_test_acc:.4f} -> tuned "
+        f"{result.test_acc:.4f} test {result.metric} (best dev {result.best_dev_acc:.4f}); calls used "
+        f"{result.calls_used}/{budget} (+{result.eval_calls} for dev/test); {result.seconds:.0f} s; wrote {out}"
+    )
+
+
+@app.command("eval")
+def evaluate(
+    prompt: Annotated[Path, typer.Option(help="A prompt.npz written by `lmaas tune`.")],
+    server: Server = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+    split: Annotated[str, typer.Option(help="train, dev or test.")] = "test",
+    task: Annotated[Optional[str], typer.Option(help="Task [default: the prompt's].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Split seed [default: the prompt's].")] = None,
+    test_size: TestSize = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Re-score a saved prompt on any split; prints JSON."""
+    if split not in ("train", "dev", "test"):
+        raise typer.BadParameter("must be train, dev or test", param_hint="--split")
+    with _errors(), LMaaSClient(server, api_key=api_key) as client:
+        candidate, meta = load_prompt(prompt)
+        spec = get_task(task or meta["task"])
+        split_seed = seed if seed is not None else meta.get("seed", 42)
+        examples = load_split(spec, split, split_seed, resolve_data_dir(data_dir))  # type: ignore[arg-type]
+        if split == "test":
+            examples = stratified_subsample(examples, test_size, split_seed)
+        scorer = TaskScorer(client, spec, meta.get("placement", "prefix"))
+        scores = scorer.score(examples, [candidate])[0]
+    report = {"task": spec.name, "split": split, "seed": split_seed, "examples": len(examples),
+              "metric": spec.metric, "score": scores.metric, "loss": scores.loss, "calls": scorer.calls}  # fmt: skip
+    typer.echo(json.dumps(report, indent=2))
+
+
+def _parse_options(pairs: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--option")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value  # a bare string such as loss=hinge
+    return options
+
+
+class _errors:
+    """Turn the client's errors into one readable line and an exit code, instead of a traceback."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            return False
+        if isinstance(exc, BudgetExhaustedError):
+            console.print(f"[red]budget exhausted:[/] {exc}")
+            raise typer.Exit(EXIT_BUDGET)
+        if isinstance(exc, (LMaaSError, TaskError, ValidationError, ValueError, OSError)):
+            console.print(f"[red]error:[/] {_describe(exc)}")
+            raise typer.Exit(EXIT_ERROR)
+        return False
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return str(exc)
+
+
+class _progress_bar:
+    """A rich progress bar over calls used, showing the best train loss and dev score."""
+
+    def __init__(self, budget: int):
+        self.progress = Progress(
+            TextColumn("[bold]tuning"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("calls  loss {task.fields[loss]}  dev {task.fields[dev]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=os.environ.get("LMAAS_NO_PROGRESS") == "1",
+        )
+        self.task_id = self.progress.add_task("tune", total=budget, loss="-", dev="-")
+
+    def __enter__(self):
+        self.progress.start()
+        return self.update
+
+    def __exit__(self, *exc_info) -> None:
+        self.progress.stop()
+
+    def update(self, state: RunProgress) -> None:
+        dev = f"{state.dev_score:.4f}" if state.dev_score is not None else "-"
+        self.progress.update(self.task_id, completed=state.calls_used, loss=f"{state.best_train_loss:.4f}", dev=dev)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,177 @@
+"""`LMaaSClient`: typed access to an lmaas server over HTTP, with timeouts, retries and idempotency keys.
+
+Retries cover connection failures, timeouts, 429 and 5xx, with exponential backoff and jitter (honouring
+Retry-After). Every evaluation carries one Idempotency-Key, reused on its retries, so a retried request
+is charged once by servers that meter. Bad requests (4xx) and an exhausted budget (402) are never retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from typing import TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from lmaas_client import errors
+from lmaas_protocol import (
+    API_PREFIX,
+    IDEMPOTENCY_HEADER,
+    ErrorResponse,
+    EvaluateRequest,
+    EvaluateResponse,
+    HealthResponse,
+    ModelInfo,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+# A population of 20 candidates over 32 examples takes ~80 s on a 2-core CPU; test sets take longer.
+DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+DEFAULT_MAX_RETRIES = 4
+INITIAL_RETRY_DELAY = 0.5  # seconds; doubles per retry
+MAX_RETRY_DELAY = 20.0
+RETRY_JITTER = 0.25  # up to 25 % shorter, so clients that failed together do not retry together
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+ResponseT = TypeVar("ResponseT", bound=BaseModel)
+
+
+class LMaaSClient:
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        api_key: str | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        http_client: httpx.Client | None = None,
+    ):
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.base_url = base_url.rstrip("/")
+        self.max_retries = max_retries
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # A caller's own httpx.Client (proxies, TLS, transports) still gets our URL, key and timeout.
+        self._http = http_client or httpx.Client()
+        self._timeout = timeout
+        self._model_info: ModelInfo | None = None
+
+    # ------------------------------------------------------------------------------------------- API
+
+    def health(self) -> HealthResponse:
+        return self._request("GET", "/health", HealthResponse)
+
+    def model_info(self, refresh: bool = False) -> ModelInfo:
+        """The served model's description (cached: it does not change while a server runs)."""
+        if self._model_info is None or refresh:
+            self._model_info = self._request("GET", "/model", ModelInfo)
+        return self._model_info
+
+    def tokenize(
+        self, texts: Sequence[str], *, add_special_tokens: bool = False, return_tokens: bool = False
+    ) -> TokenizeResponse:
+        body = TokenizeRequest(texts=list(texts), add_special_tokens=add_special_tokens, return_tokens=return_tokens)
+        return self._request("POST", "/tokenize", TokenizeResponse, body)
+
+    def evaluate(self, request: EvaluateRequest, *, idempotency_key: str | None = None) -> EvaluateResponse:
+        """Score the request's candidates; one idempotency key covers all retries of this evaluation."""
+        key = idempotency_key or uuid.uuid4().hex
+        return self._request("POST", "/evaluate", EvaluateResponse, request, idempotency_key=key)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> LMaaSClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------- transport
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        response_model: type[ResponseT],
+        body: BaseModel | None = None,
+        idempotency_key: str | None = None,
+    ) -> ResponseT:
+        headers = dict(self._headers)
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        if idempotency_key:
+            headers[IDEMPOTENCY_HEADER] = idempotency_key
+        content = body.model_dump_json(exclude_none=True).encode() if body is not None else None
+        url = f"{self.base_url}{API_PREFIX}{path}"
+        for attempt in range(self.max_retries + 1):
+            last = attempt == self.max_retries
+            try:
+                response = self._http.request(method, url, content=content, headers=headers, timeout=self._timeout)
+            except httpx.TimeoutException as exc:
+                if last:
+                    raise errors.APITimeoutError(f"{method} {url} timed out: {exc}") from exc
+                self._sleep(attempt, None, f"timeout ({exc})")
+                continue
+            except httpx.TransportError as exc:
+                if last:
+                    raise errors.APIConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
+                self._sleep(attempt, None, f"connection error ({exc})")
+                continue
+            if response.is_success:
+                return _parse(response, response_model)
+            error = _status_error(response)
+            if last or response.status_code not in RETRYABLE_STATUS:
+                raise error
+            self._sleep(attempt, error.retry_after, str(error))
+        raise AssertionError("unreachable")
+
+    def _sleep(self, attempt: int, retry_after: float | None, reason: str) -> None:
+        delay = min(INITIAL_RETRY_DELAY * 2**attempt, MAX_RETRY_DELAY) * (1 - RETRY_JITTER * random.random())
+        if retry_after is not None:
+            delay = min(max(retry_after, 0.0), MAX_RETRY_DELAY * 3)
+        log.warning("retrying in %.1fs after %s", delay, reason)
+        time.sleep(delay)
+
+
+def _parse(response: httpx.Response, model: type[ResponseT]) -> ResponseT:
+    try:
+        return model.model_validate_json(response.content)
+    except ValidationError as exc:
+        raise errors.ServerError(
+            f"unexpected response body for {model.__name__}: {exc.errors()[0].get('msg')}", status=response.status_code
+        ) from exc
+
+
+def _status_error(response: httpx.Response) -> errors.APIStatusError:
+    retry_after = _retry_after(response.headers.get("Retry-After"))
+    cls = errors.error_class(response.status_code)
+    try:
+        detail = ErrorResponse.model_validate_json(response.content).error
+    except ValidationError:
+        text = response.text[:500] or response.reason_phrase
+        return cls(text, status=response.status_code, retry_after=retry_after)
+    return cls(
+        detail.message,
+        status=response.status_code,
+        code=detail.code.value,
+        param=detail.param,
+        request_id=detail.request_id,
+        details=detail.details,
+        retry_after=retry_after,
+    )
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,88 @@
+"""Scoring prompts on a task through the API: template, verbalizer, chunking to the server's limits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmaas_client import metrics
+from lmaas_client.client import LMaaSClient
+from lmaas_client.tasks import Placement, TaskError, TaskSpec
+from lmaas_client.tuners.base import PromptCandidate
+from lmaas_protocol import EvaluateRequest, Example
+
+NO_PROMPT = PromptCandidate()  # empty {prompt} slot: the manual-prompt (zero-shot) baseline
+
+
+@dataclass
+class Scores:
+    """One candidate on one set of examples."""
+
+    logits: np.ndarray  # [examples, classes]
+    loss: float
+    metric: float
+
+
+class TaskScorer:
+    """Evaluates candidate prompts on examples of one task; counts the calls the server charged."""
+
+    def __init__(self, client: LMaaSClient, task: TaskSpec, placement: Placement = "prefix", truncate: bool = True):
+        self.client = client
+        self.task = task
+        self.info = client.model_info()
+        self.template = task.template(self.info.family, placement)
+        self.verbalizer = build_verbalizer(client, task.label_words[self.info.family])
+        self.truncate = truncate
+        self.calls = 0
+
+    def calls_per_candidate(self, num_examples: int) -> int:
+        """Calls one candidate costs on `num_examples` examples: one per request-sized chunk."""
+        return -(-num_examples // self.info.limits.max_examples)
+
+    def logits(self, examples: Sequence[Example], candidates: Sequence[PromptCandidate]) -> list[np.ndarray]:
+        """[examples, classes] logits per candidate, in as few requests as the server's limits allow."""
+        limits = self.info.limits
+        out: list[list[np.ndarray]] = [[] for _ in candidates]
+        for e0 in range(0, len(examples), limits.max_examples):
+            chunk = list(examples[e0 : e0 + limits.max_examples])
+            for c0 in range(0, len(candidates), limits.max_candidates):
+                group = candidates[c0 : c0 + limits.max_candidates]
+                request = EvaluateRequest(
+                    template=self.template,
+                    examples=chunk,
+                    verbalizer=self.verbalizer,
+                    candidates=[c.to_wire() for c in group],
+                    truncate=self.truncate,
+                )
+                response = self.client.evaluate(request)
+                self.calls += response.usage.calls
+                for offset, result in enumerate(response.results):
+                    out[c0 + offset].append(np.array(result.logits.to_numpy(), dtype=np.float32))
+        return [np.concatenate(parts, axis=0) for parts in out]
+
+    def score(
+        self, examples: Sequence[Example], candidates: Sequence[PromptCandidate], loss: str = "ce"
+    ) -> list[Scores]:
+        labels = np.array([e.label for e in examples])
+        return [
+            Scores(
+                logits,
+                metrics.loss(loss, logits, labels, self.task.metric),
+                metrics.score(self.task.metric, logits, labels),
+            )
+            for logits in self.logits(examples, candidates)
+        ]
+
+
+def build_verbalizer(client: LMaaSClient, words: Sequence[str]) -> list[list[int]]:
+    """Token ids per class: the first sub-token of each label word (as BBT and LM-BFF do)."""
+    ids = client.tokenize(list(words)).ids
+    for word, tokens in zip(words, ids, strict=True):
+        if not tokens:
+            raise TaskError(f"label word {word!r} tokenizes to nothing")
+    first = [[tokens[0]] for tokens in ids]
+    if len({f[0] for f in first}) != len(first):
+        raise TaskError(f"label words {list(words)} share their first token; choose distinct words")
+    return first
