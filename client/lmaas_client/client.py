@@ -12,7 +12,7 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -20,14 +20,20 @@ from pydantic import BaseModel, ValidationError
 from lmaas_client import errors
 from lmaas_protocol import (
     API_PREFIX,
+    BUNDLE_MEDIA_TYPE,
     IDEMPOTENCY_HEADER,
     ErrorResponse,
     EvaluateRequest,
     EvaluateResponse,
     HealthResponse,
+    InputsResponse,
+    InputsSpec,
+    LayerStdRequest,
+    LayerStdResponse,
     ModelInfo,
     TokenizeRequest,
     TokenizeResponse,
+    encode_bundle,
 )
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,7 @@ class LMaaSClient:
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
         http_client: httpx.Client | None = None,
+        wire: Literal["bundle", "json"] = "bundle",
     ):
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
@@ -62,6 +69,7 @@ class LMaaSClient:
         # A caller's own httpx.Client (proxies, TLS, transports) still gets our URL, key and timeout.
         self._http = http_client or httpx.Client()
         self._timeout = timeout
+        self.wire = wire  # evaluate bodies as binary bundles (raw tensor buffers) or as JSON (base64)
         self._model_info: ModelInfo | None = None
 
     # ------------------------------------------------------------------------------------------- API
@@ -84,7 +92,20 @@ class LMaaSClient:
     def evaluate(self, request: EvaluateRequest, *, idempotency_key: str | None = None) -> EvaluateResponse:
         """Score the request's candidates; one idempotency key covers all retries of this evaluation."""
         key = idempotency_key or uuid.uuid4().hex
-        return self._request("POST", "/evaluate", EvaluateResponse, request, idempotency_key=key)
+        return self._request(
+            "POST", "/evaluate", EvaluateResponse, request, idempotency_key=key, bundle=self.wire == "bundle"
+        )
+
+    def register_inputs(self, spec: InputsSpec) -> InputsResponse:
+        """Register an example set once; evaluate requests then send `inputs=<handle>` instead of texts."""
+        return self._request("POST", "/inputs", InputsResponse, spec)
+
+    def delete_inputs(self, handle: str) -> None:
+        self._request("DELETE", f"/inputs/{handle}", None)
+
+    def layer_std(self, handle: str) -> LayerStdResponse:
+        """Per-layer hidden-state std on registered inputs (charged as one call)."""
+        return self._request("POST", "/layer_std", LayerStdResponse, LayerStdRequest(inputs=handle))
 
     def close(self) -> None:
         self._http.close()
@@ -101,16 +122,19 @@ class LMaaSClient:
         self,
         method: str,
         path: str,
-        response_model: type[ResponseT],
+        response_model: type[ResponseT] | None,
         body: BaseModel | None = None,
         idempotency_key: str | None = None,
+        bundle: bool = False,
     ) -> ResponseT:
         headers = dict(self._headers)
         if body is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = BUNDLE_MEDIA_TYPE if bundle else "application/json"
         if idempotency_key:
             headers[IDEMPOTENCY_HEADER] = idempotency_key
-        content = body.model_dump_json(exclude_none=True).encode() if body is not None else None
+        content = None
+        if body is not None:
+            content = encode_bundle(body) if bundle else body.model_dump_json(exclude_none=True).encode()
         url = f"{self.base_url}{API_PREFIX}{path}"
         for attempt in range(self.max_retries + 1):
             last = attempt == self.max_retries
@@ -127,7 +151,7 @@ class LMaaSClient:
                 self._sleep(attempt, None, f"connection error ({exc})")
                 continue
             if response.is_success:
-                return _parse(response, response_model)
+                return None if response_model is None else _parse(response, response_model)
             error = _status_error(response)
             if last or response.status_code not in RETRYABLE_STATUS:
                 raise error

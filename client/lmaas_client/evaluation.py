@@ -9,9 +9,10 @@ import numpy as np
 
 from lmaas_client import metrics
 from lmaas_client.client import LMaaSClient
+from lmaas_client.errors import NotFoundError
 from lmaas_client.tasks import Placement, TaskError, TaskSpec
-from lmaas_client.tuners.base import PromptCandidate
-from lmaas_protocol import EvaluateRequest, Example
+from lmaas_client.tuners.base import PromptCandidate, projection_names
+from lmaas_protocol import EvaluateRequest, EvaluateResponse, Example, InputsSpec, ProjectionSpec
 
 NO_PROMPT = PromptCandidate()  # empty {prompt} slot: the manual-prompt (zero-shot) baseline
 
@@ -26,7 +27,12 @@ class Scores:
 
 
 class TaskScorer:
-    """Evaluates candidate prompts on examples of one task; counts the calls the server charged."""
+    """Evaluates candidate prompts on examples of one task; counts the calls the server charged.
+
+    Example sets scored again and again (train, dev) can be registered once on the server (`cached=True`):
+    requests then carry a handle instead of the texts, and the server reuses their tokenization and, for
+    causal LMs with the prompt after the text, the text's keys/values. An evicted handle is registered again.
+    """
 
     def __init__(self, client: LMaaSClient, task: TaskSpec, placement: Placement = "prefix", truncate: bool = True):
         self.client = client
@@ -36,12 +42,18 @@ class TaskScorer:
         self.verbalizer = build_verbalizer(client, task.label_words[self.info.family])
         self.truncate = truncate
         self.calls = 0
+        self._handles: dict[tuple[int, int], str] = {}  # (id of the example list, chunk start) -> handle
 
     def calls_per_candidate(self, num_examples: int) -> int:
         """Calls one candidate costs on `num_examples` examples: one per request-sized chunk."""
         return -(-num_examples // self.info.limits.max_examples)
 
-    def logits(self, examples: Sequence[Example], candidates: Sequence[PromptCandidate]) -> list[np.ndarray]:
+    def logits(
+        self,
+        examples: Sequence[Example],
+        candidates: Sequence[PromptCandidate],
+        cached: bool = False,
+    ) -> list[np.ndarray]:
         """[examples, classes] logits per candidate, in as few requests as the server's limits allow."""
         limits = self.info.limits
         out: list[list[np.ndarray]] = [[] for _ in candidates]
@@ -49,21 +61,41 @@ class TaskScorer:
             chunk = list(examples[e0 : e0 + limits.max_examples])
             for c0 in range(0, len(candidates), limits.max_candidates):
                 group = candidates[c0 : c0 + limits.max_candidates]
-                request = EvaluateRequest(
-                    template=self.template,
-                    examples=chunk,
-                    verbalizer=self.verbalizer,
-                    candidates=[c.to_wire() for c in group],
-                    truncate=self.truncate,
-                )
-                response = self.client.evaluate(request)
+                names = projection_names(group)
+                specs = {name: spec for spec, name in _specs(group, names)} or None
+                wire = [c.to_wire(names) for c in group]
+                if cached:
+                    response = self._evaluate_cached((id(examples), e0), chunk, wire, specs)
+                else:
+                    inline = self._inputs(chunk).model_dump()
+                    response = self.client.evaluate(EvaluateRequest(**inline, candidates=wire, projections=specs))
                 self.calls += response.usage.calls
                 for offset, result in enumerate(response.results):
                     out[c0 + offset].append(np.array(result.logits.to_numpy(), dtype=np.float32))
         return [np.concatenate(parts, axis=0) for parts in out]
 
+    def _inputs(self, examples: list[Example]) -> InputsSpec:
+        return InputsSpec(template=self.template, examples=examples, verbalizer=self.verbalizer, truncate=self.truncate)
+
+    def _evaluate_cached(self, key, examples: list[Example], wire, projections) -> EvaluateResponse:
+        for attempt in range(2):
+            if key not in self._handles:
+                self._handles[key] = self.client.register_inputs(self._inputs(examples)).handle
+            request = EvaluateRequest(inputs=self._handles[key], candidates=wire, projections=projections)
+            try:
+                return self.client.evaluate(request)
+            except NotFoundError:  # evicted (410) or forgotten (404) by the server: register again, once
+                del self._handles[key]
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
     def score(
-        self, examples: Sequence[Example], candidates: Sequence[PromptCandidate], loss: str = "ce"
+        self,
+        examples: Sequence[Example],
+        candidates: Sequence[PromptCandidate],
+        loss: str = "ce",
+        cached: bool = False,
     ) -> list[Scores]:
         labels = np.array([e.label for e in examples])
         return [
@@ -72,8 +104,13 @@ class TaskScorer:
                 metrics.loss(loss, logits, labels, self.task.metric),
                 metrics.score(self.task.metric, logits, labels),
             )
-            for logits in self.logits(examples, candidates)
+            for logits in self.logits(examples, candidates, cached)
         ]
+
+
+def _specs(candidates: Sequence[PromptCandidate], names: dict[tuple, str]) -> list[tuple[ProjectionSpec, str]]:
+    seen = {c.projection.key(): c.projection for c in candidates if c.projection is not None}
+    return [(seen[key], name) for key, name in names.items()]
 
 
 def build_verbalizer(client: LMaaSClient, words: Sequence[str]) -> list[list[int]]:

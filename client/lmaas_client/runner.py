@@ -90,7 +90,7 @@ def run_tuning(
     while calls + per_candidate <= config.budget:
         candidates = tuner.ask()
         scored = candidates[: (config.budget - calls) // per_candidate]  # the budget may end inside a generation
-        losses = [s.loss for s in scorer.score(train, scored, tuner.config.loss)]
+        losses = [s.loss for s in scorer.score(train, scored, tuner.config.loss, cached=True)]
         calls += len(scored) * per_candidate
         tuner.observe(scored, losses)
         if len(scored) == len(candidates):
@@ -100,7 +100,7 @@ def run_tuning(
         if on_progress:
             on_progress(Progress(calls, config.budget, tuner.best_loss, selection.best_score, scorer.calls - calls))
 
-    chosen = selection.best or tuner.best or NO_PROMPT
+    chosen = tuner.materialize(selection.best or tuner.best or NO_PROMPT)  # a portable, self-contained prompt
     test_score = scorer.score(test, [chosen])[0].metric
     info = scorer.info
     result = RunResult(
@@ -161,6 +161,6 @@ class DevSelection:
         if candidate is self._last_scored:
             return
         self._last_scored = candidate
-        score = self.scorer.score(self.dev, [candidate])[0].metric
+        score = self.scorer.score(self.dev, [candidate], cached=True)[0].metric
         if self.best_score is None or score > self.best_score:
             self.best, self.best_score = candidate, score

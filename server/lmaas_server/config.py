@@ -41,3 +41,10 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         16384, ge=64, description="Padded tokens per forward pass; larger populations are split."
     )
+    max_projection_elements: int = Field(
+        1 << 28, ge=1, description="Largest d * prod(shape) of a server-side projection (float32 elements)."
+    )
+    projection_cache_bytes: int = Field(1 << 30, ge=0, description="Materialized projection matrices kept.")
+    max_input_handles: int = Field(256, ge=1, description="Registered example sets kept (LRU).")
+    input_cache_bytes: int = Field(2 << 30, ge=0, description="Bytes of registered inputs and their text caches.")
+    prefix_cache: bool = Field(True, description="Reuse the keys/values of text before the prompt (causal LMs).")

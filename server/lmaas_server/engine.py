@@ -1,37 +1,49 @@
-"""The engine: one frozen model behind the API's three operations (info, tokenize, evaluate).
+"""The engine: one frozen model behind the API's operations (info, tokenize, inputs, evaluate, layer std).
 
 Requests are checked against the server's limits and the model's vocabulary *before* any budget is
-reserved or any forward pass runs, so bad input is never charged.
+reserved or any forward pass runs, so bad input is never charged. Forward passes run on the scheduler's
+worker thread, which batches concurrent requests together.
 """
 
 from __future__ import annotations
 
-import threading
+import logging
 import uuid
 
 import numpy as np
-import torch
 
 from lmaas_protocol import (
+    Candidate,
     CandidateResult,
     EvaluateRequest,
     EvaluateResponse,
-    FieldError,
+    InputsResponse,
+    InputsSpec,
+    LayerStdRequest,
+    LayerStdResponse,
     ModelInfo,
+    Projected,
     ServerLimits,
     Tensor,
     TokenizeRequest,
     TokenizeResponse,
     Usage,
 )
+from lmaas_protocol.candidates import shape_of, spec_of
+from lmaas_protocol.templates import template_slots
+from lmaas_server import probes
 from lmaas_server.budget import CallBudget
 from lmaas_server.config import Settings
 from lmaas_server.errors import InvalidRequest
-from lmaas_server.inference import PromptRows, PromptScorer, summarize
-from lmaas_server.model_loading import LoadedModel
+from lmaas_server.inference import Forward, Row, Verbalizer
+from lmaas_server.inputs_store import InputsStore, PreparedInputs, Variant
+from lmaas_server.model_loading import LoadedModel, transformer_layers
+from lmaas_server.prefix_cache import compute_prefix, eligible
+from lmaas_server.prompts import CandidateDecoder, RowPrompt
 from lmaas_server.rendering import TemplateRenderer
+from lmaas_server.scheduler import Job, Scheduler
 
-EMBEDDING_STD_CHUNK = 8192  # vocabulary rows embedded at a time when measuring the embedding std
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -39,29 +51,40 @@ class Engine:
         self.loaded = loaded
         self.settings = settings
         self.causal = loaded.family == "causal"
-        tokenizer = loaded.tokenizer
-        self.vocab_size = loaded.model.get_input_embeddings().weight.shape[0]
-        self.max_length = min(settings.max_seq_len, _model_max_length(loaded))
+        model, tokenizer = loaded.model, loaded.tokenizer
+        self.vocab_size, self.hidden_size = model.get_input_embeddings().weight.shape
+        self.max_length = min(settings.max_seq_len, probes.model_max_length(loaded))
         self.renderer = TemplateRenderer(tokenizer, self.causal, self.max_length)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.scorer = PromptScorer(loaded.model, self.causal, pad_id or 0, settings.max_batch_tokens)
-        self._forward_lock = threading.Lock()  # one forward at a time: bounded memory, full-core matmuls
+        self.pad_id = pad_id or 0
+        self.layers = transformer_layers(model)
+        self.forward = Forward(model, self.layers, self.causal, self.pad_id)
+        self.decoder = CandidateDecoder(loaded.device, loaded.dtype, settings.projection_cache_bytes)
+        self.inputs = InputsStore(settings.max_input_handles, settings.input_cache_bytes)
+        self.scheduler = Scheduler(self.forward, settings.max_batch_tokens)
+        self.prefix_cache = self.causal and settings.prefix_cache and probes.prefix_cache_matches(self)
         self.info = self._describe()
 
-    # ------------------------------------------------------------------------------------------- info
+    def close(self) -> None:
+        self.scheduler.close()
 
     def _describe(self) -> ModelInfo:
         model, tokenizer, config = self.loaded.model, self.loaded.tokenizer, self.loaded.model.config
+        embedding_std = probes.embedding_std(model.get_input_embeddings())
         return ModelInfo(
             name=self.loaded.name,
             family=self.loaded.family,
             architecture=type(model).__name__,
             model_type=config.model_type,
-            num_layers=config.num_hidden_layers,
-            hidden_size=model.get_input_embeddings().weight.shape[1],
+            num_layers=len(self.layers),
+            hidden_size=self.hidden_size,
             vocab_size=self.vocab_size,
             max_length=self.max_length,
-            embedding_std=embedding_std(model.get_input_embeddings()),
+            embedding_std=embedding_std,
+            layer_std=[
+                embedding_std,
+                *self.layer_std(self.prepare(probes.probe_inputs(self), enforce_limits=False))[1:],
+            ],
             mask_token=tokenizer.mask_token if not self.causal else None,
             mask_token_id=tokenizer.mask_token_id if not self.causal else None,
             dtype=str(self.loaded.dtype).removeprefix("torch."),
@@ -72,6 +95,7 @@ class Engine:
                 max_seq_len=self.max_length,
                 max_prompt_length=self.settings.max_prompt_length,
                 max_body_bytes=self.settings.max_body_bytes,
+                max_projection_elements=self.settings.max_projection_elements,
             ),
         )
 
@@ -85,57 +109,169 @@ class Engine:
         tokens = [self.loaded.tokenizer.convert_ids_to_tokens(row) for row in ids] if request.return_tokens else None
         return TokenizeResponse(ids=ids, tokens=tokens)
 
+    # ------------------------------------------------------------------------------------------- inputs
+
+    def prepare(self, spec: InputsSpec, enforce_limits: bool = True, render: bool = True) -> PreparedInputs:
+        """Check an example set against the limits and vocabulary (and render it without a prompt)."""
+        if enforce_limits and len(spec.examples) > self.settings.max_examples:
+            raise InvalidRequest("examples", f"at most {self.settings.max_examples} examples per request")
+        for c, ids in enumerate(spec.verbalizer):
+            self._check_ids(ids, f"verbalizer.{c}")
+        labels = np.array([e.label for e in spec.examples]) if spec.has_labels else None
+        prepared = PreparedInputs(spec, Verbalizer.build(spec.verbalizer, self.loaded.device), labels)
+        if render:  # registered sets must be scoreable as they are (the manual prompt)
+            prepared.variant(self.renderer, 0, 0)
+        return prepared
+
+    def register_inputs(self, spec: InputsSpec, owner: str | None = None) -> InputsResponse:
+        prepared = self.prepare(spec)
+        prepared.owner = owner
+        handle = self.inputs.add(prepared)
+        rendered = prepared.variant(self.renderer, 0, 0).rendered
+        cacheable, reason = self._prefix_reason(rendered)
+        return InputsResponse(
+            handle=handle,
+            examples=len(rendered),
+            tokens=sum(len(e.ids) for e in rendered),
+            prefix_cache=cacheable,
+            prefix_cache_reason=reason,
+        )
+
+    def _prefix_reason(self, rendered) -> tuple[bool, str]:
+        if not self.causal:
+            return False, "masked LMs attend in both directions: every token depends on the prompt"
+        if not self.prefix_cache:
+            return False, "disabled on this server or unsupported by this model"
+        if not eligible(rendered):
+            return False, "the prompt comes first (prefix placement): no text before it to reuse"
+        return True, "the text before {prompt} is computed once; deep prompts reuse it too, embedding offsets do not"
+
     # ------------------------------------------------------------------------------------------- evaluate
 
-    def evaluate(self, request: EvaluateRequest, budget: CallBudget, request_id: str | None = None) -> EvaluateResponse:
-        self._check_limits(request)
-        lengths = [c.prompt_length for c in request.candidates]
-        try:
-            rendered = self.renderer.render(
-                request.template, request.examples, max(lengths), request.truncate, min(lengths)
-            )
-        except FieldError as exc:
-            raise InvalidRequest(exc.param, exc.reason) from None
-        prompts = [self._prompt_rows(c) for c in request.candidates]
+    def evaluate(
+        self, request: EvaluateRequest, budget: CallBudget, request_id: str | None = None, owner: str | None = None
+    ) -> EvaluateResponse:
+        if request.inputs is not None:
+            prepared = self.inputs.get(request.inputs, owner)
+        else:  # rendered below, for the request's own prompt lengths
+            prepared = self.prepare(request.inline_inputs(), render=False)
+        self._check_candidates(request, prepared)
+        lengths = [c.prompt_length(request.projections) for c in request.candidates]
+        variant = prepared.variant(self.renderer, max(lengths), min(lengths))
         calls = len(request.candidates)
-        budget.reserve(calls)
+        budget.reserve(calls)  # before decoding: materializing projections is work only paying callers get
         try:
-            with self._forward_lock:
-                logits = self.scorer.class_logits(rendered, prompts, request.verbalizer)  # [cand, N, C]
+            prompts = [self.decoder.decode(c, request.projections) for c in request.candidates]
+            use_prefix = self._use_prefix(variant, prompts, reused=request.inputs is not None)
+            logits = self.score(prepared, variant, prompts, use_prefix)
         except BaseException:
             budget.refund(calls)  # the caller gets an error and pays nothing
             raise
-        labels = np.array([e.label for e in request.examples]) if request.has_labels else None
-        results = []
-        for candidate_logits in logits:
-            loss, accuracy = summarize(candidate_logits, labels)
-            results.append(CandidateResult(logits=Tensor.from_numpy(candidate_logits), loss=loss, accuracy=accuracy))
-        tokens = sum(r.length(p.length) for p in prompts for r in rendered)
-        usage = Usage(calls=calls, examples=len(rendered), tokens=tokens, budget_remaining=budget.remaining)
+        results = [self._result(candidate_logits, prepared.labels) for candidate_logits in logits]
+        tokens = sum(r.length(p.length) for p in prompts for r in variant.rendered)
+        usage = Usage(calls=calls, examples=len(variant.rendered), tokens=tokens, budget_remaining=budget.remaining)
         return EvaluateResponse(
             request_id=request_id or uuid.uuid4().hex, model=self.loaded.name, results=results, usage=usage
         )
 
-    def _check_limits(self, request: EvaluateRequest) -> None:
+    def score(
+        self, prepared: PreparedInputs, variant: Variant, prompts: list[RowPrompt], use_prefix: bool
+    ) -> np.ndarray:
+        """Class logits [candidates, examples, classes], computed on the scheduler's worker thread."""
+        logits = np.empty((len(prompts), len(variant.rendered), len(prepared.spec.verbalizer)), dtype=np.float32)
+        self.scheduler.run(Job(lambda: self._rows(prepared, variant, prompts, logits, use_prefix)))
+        return logits
+
+    def layer_std(self, prepared: PreparedInputs) -> list[float]:
+        """Per layer, the clipped std of the hidden states entering it, on these inputs (no prompt)."""
+        rendered = prepared.variant(self.renderer, 0, 0).rendered
+        return self.scheduler.call(lambda: probes.layer_std(self.loaded.model, self.layers, rendered, self.pad_id))
+
+    def measure_layer_std(self, request: LayerStdRequest, budget: CallBudget) -> LayerStdResponse:
+        """layer_std on registered inputs, charged as one call."""
+        prepared = self.inputs.get(request.inputs)
+        budget.reserve(1)
+        try:
+            values = self.layer_std(prepared)
+        except BaseException:
+            budget.refund(1)
+            raise
+        usage = Usage(calls=1, examples=len(prepared.spec.examples), tokens=0, budget_remaining=budget.remaining)
+        return LayerStdResponse(layer_std=values, usage=usage)
+
+    def _use_prefix(self, variant: Variant, prompts: list[RowPrompt], reused: bool) -> bool:
+        """Cached text pays off across requests (a handle) or across at least two candidates."""
+        if not (self.prefix_cache and eligible(variant.rendered)):
+            return False
+        cacheable = sum(not p.touches_text for p in prompts)
+        return cacheable >= 2 or (reused and cacheable >= 1)
+
+    def _rows(self, prepared, variant: Variant, prompts, logits: np.ndarray, use_prefix: bool) -> list[Row]:
+        """Runs on the scheduler thread (computing the text cache is forward work too)."""
+        if use_prefix and variant.prefix is None:
+            variant.prefix = compute_prefix(
+                self.loaded.model, variant.rendered, self.pad_id, self.settings.max_batch_tokens
+            )
+            self.inputs.enforce_bounds()
+        rows = []
+        for c, prompt in enumerate(prompts):
+            cached = use_prefix and not prompt.touches_text
+            for e, example in enumerate(variant.rendered):
+                # A row needs at least one token after the cached text (an empty prompt right before {mask}
+                # has none): such rows take the plain path.
+                prefix = variant.prefix if cached and example.length(prompt.length) > example.prompt_at else None
+                rows.append(Row(example, prompt, prepared.verbalizer, logits[c, e], prefix, e))
+        return rows
+
+    @staticmethod
+    def _result(logits: np.ndarray, labels: np.ndarray | None) -> CandidateResult:
+        if labels is None:
+            return CandidateResult(logits=Tensor.from_numpy(logits))
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        loss = float(-log_probs[np.arange(len(labels)), labels].mean())
+        accuracy = float((logits.argmax(axis=1) == labels).mean())
+        return CandidateResult(logits=Tensor.from_numpy(logits), loss=loss, accuracy=accuracy)
+
+    # ------------------------------------------------------------------------------------------- checks
+
+    def _check_candidates(self, request: EvaluateRequest, prepared: PreparedInputs) -> None:
         s = self.settings
         if len(request.candidates) > s.max_candidates:
             raise InvalidRequest("candidates", f"at most {s.max_candidates} candidates per request")
-        if len(request.examples) > s.max_examples:
-            raise InvalidRequest("examples", f"at most {s.max_examples} examples per request")
-        for c, ids in enumerate(request.verbalizer):
-            self._check_ids(ids, f"verbalizer.{c}")
-        hidden = self.info.hidden_size
+        has_slot = "prompt" in template_slots(prepared.spec.template)
         for i, candidate in enumerate(request.candidates):
-            if candidate.prompt_length > s.max_prompt_length:
+            self._check_candidate(candidate, f"candidates.{i}", request.projections, has_slot)
+
+    def _check_candidate(self, candidate: Candidate, param: str, projections, has_slot: bool) -> None:
+        s = self.settings
+        length = candidate.prompt_length(projections)
+        if (length or candidate.embedding_offset is not None) and not has_slot:
+            raise InvalidRequest(param, "the template has no {prompt} slot for this prompt")
+        if length > s.max_prompt_length:
+            raise InvalidRequest(param, f"prompt of {length} tokens exceeds {s.max_prompt_length}")
+        if candidate.prompt_token_ids is not None:
+            self._check_ids(candidate.prompt_token_ids, f"{param}.prompt_token_ids")
+        for name, tensor in candidate.prompt_tensors():
+            width = shape_of(tensor, projections)[1]
+            if name != "embedding_offset.a" and width != self.hidden_size:
                 raise InvalidRequest(
-                    f"candidates.{i}", f"prompt of {candidate.prompt_length} tokens exceeds {s.max_prompt_length}"
+                    f"{param}.{name}.shape", f"needs {self.hidden_size} columns (the model's hidden size), got {width}"
                 )
-            if candidate.prompt_token_ids is not None:
-                self._check_ids(candidate.prompt_token_ids, f"candidates.{i}.prompt_token_ids")
-            if candidate.soft_prompt is not None and candidate.soft_prompt.shape[1] != hidden:
+        if candidate.deep_prompt is not None and len(candidate.deep_prompt) > len(self.layers):
+            raise InvalidRequest(
+                f"{param}.deep_prompt", f"{len(candidate.deep_prompt)} entries, the model has {len(self.layers)} layers"
+            )
+        if candidate.embedding_offset is not None:
+            rows = shape_of(candidate.embedding_offset.a, projections)[0]
+            if rows > self.max_length:
                 raise InvalidRequest(
-                    f"candidates.{i}.soft_prompt.shape",
-                    f"needs {hidden} columns (the model's hidden size), got {candidate.soft_prompt.shape[1]}",
+                    f"{param}.embedding_offset.a.shape", f"{rows} rows exceed the {self.max_length} positions"
+                )
+        for name, tensor in candidate.prompt_tensors():
+            if isinstance(tensor, Projected) and spec_of(tensor, projections).elements > s.max_projection_elements:
+                raise InvalidRequest(
+                    f"{param}.{name}.projection", f"d * prod(shape) exceeds {s.max_projection_elements}"
                 )
 
     def _check_ids(self, ids: list[int], param: str) -> None:
@@ -144,37 +280,3 @@ class Engine:
                 raise InvalidRequest(
                     f"{param}.{j}", f"token id {token} is not below the vocabulary size {self.vocab_size}"
                 )
-
-    def _prompt_rows(self, candidate) -> PromptRows:
-        soft = None
-        if candidate.soft_prompt is not None:
-            array = candidate.soft_prompt.to_numpy()  # [P, hidden], float16 or float32
-            soft = torch.from_numpy(array.astype(np.float32)).to(self.loaded.device, self.loaded.dtype)
-        return PromptRows(candidate.prompt_length, candidate.prompt_token_ids, soft)
-
-
-def embedding_std(embedding: torch.nn.Module) -> float:
-    """Std of the embedding layer's *outputs* over the vocabulary (includes any built-in scaling, e.g. Gemma)."""
-    weight = embedding.weight
-    total = total_sq = 0.0
-    with torch.inference_mode():
-        for start in range(0, weight.shape[0], EMBEDDING_STD_CHUNK):
-            ids = torch.arange(start, min(start + EMBEDDING_STD_CHUNK, weight.shape[0]), device=weight.device)
-            values = embedding(ids).double()
-            total += values.sum().item()
-            total_sq += (values * values).sum().item()
-    count = weight.numel()
-    mean = total / count
-    return float(np.sqrt(max(total_sq / count - mean * mean, 0.0) * count / max(count - 1, 1)))
-
-
-def _model_max_length(loaded: LoadedModel) -> int:
-    config = loaded.model.config
-    positions = getattr(config, "max_position_embeddings", None)
-    embeddings = getattr(loaded.model.base_model, "embeddings", None)
-    padding_idx = getattr(embeddings, "padding_idx", None)
-    if isinstance(positions, int) and isinstance(padding_idx, int):
-        positions -= padding_idx + 1  # RoBERTa-style position ids start after the padding index
-    limits = [positions, getattr(loaded.tokenizer, "model_max_length", None)]
-    finite = [int(v) for v in limits if isinstance(v, int) and 0 < v < 1_000_000]
-    return min(finite) if finite else 2048

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 
@@ -9,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmaas_protocol import REQUEST_ID_HEADER, ErrorCode, ErrorDetail, ErrorResponse
 
+log = logging.getLogger(__name__)
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -77,10 +79,7 @@ class BodyLimitMiddleware:
             request_id=scope.get("state", {}).get("request_id"),
             details={"max_body_bytes": self.max_bytes},
         )
-        payload = ErrorResponse(error=detail).model_dump_json().encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await _send_json(send, 413, ErrorResponse(error=detail), None)
 
 
 def _header(scope: Scope, name: str) -> str | None:
@@ -88,3 +87,48 @@ def _header(scope: Scope, name: str) -> str | None:
         if key.decode("latin-1").lower() == name:
             return value.decode("latin-1")
     return None
+
+
+class InternalErrorMiddleware:
+    """Answers unexpected exceptions with the 500 ErrorResponse itself, inside the app.
+
+    Starlette's outermost error middleware would also answer them, but then re-raises, and uvicorn drops
+    the keep-alive connection; a pooled client's next request would fail on a reset socket.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            request_id = scope.get("state", {}).get("request_id")
+            detail = ErrorDetail(
+                code=ErrorCode.INTERNAL_ERROR,
+                message=f"internal error ({type(exc).__name__}); nothing was charged",
+                request_id=request_id,
+            )
+            await _send_json(send, 500, ErrorResponse(error=detail), request_id)
+
+
+async def _send_json(send: Send, status: int, body: ErrorResponse, request_id: str | None) -> None:
+    payload = body.model_dump_json().encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    if request_id:
+        headers.append((REQUEST_ID_HEADER.lower().encode(), request_id.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})

@@ -177,3 +177,12 @@ def _convert(source: ModelSource, target: Path) -> None:
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's stack of transformer layers (Llama `layers`, GPT-2 `h`, BERT `encoder.layer`, ...)."""
+    count = model.config.num_hidden_layers
+    stacks = [m for m in model.base_model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
+    if not stacks:
+        raise ModelLoadError(f"cannot find the {count} transformer layers of {type(model).__name__}")
+    return stacks[0]

@@ -1,9 +1,11 @@
 """lmaas wire protocol: schemas, tensor encoding, template slots and error codes (pydantic + numpy only)."""
 
 from lmaas_protocol.base import FieldError, WireModel, error_message, error_param
+from lmaas_protocol.bundle import BUNDLE_MEDIA_TYPE, BundleError, decode_bundle, encode_bundle, parse_bundle
+from lmaas_protocol.candidates import Candidate, LowRankOffset, PromptTensor
 from lmaas_protocol.errors import HTTP_STATUS, ErrorCode
+from lmaas_protocol.projection import Projected, ProjectionSpec, materialize, project
 from lmaas_protocol.schemas import (
-    Candidate,
     CandidateResult,
     ErrorDetail,
     ErrorResponse,
@@ -11,6 +13,10 @@ from lmaas_protocol.schemas import (
     EvaluateResponse,
     Example,
     HealthResponse,
+    InputsResponse,
+    InputsSpec,
+    LayerStdRequest,
+    LayerStdResponse,
     ModelInfo,
     ServerLimits,
     TokenizeRequest,
@@ -27,6 +33,21 @@ REQUEST_ID_HEADER = "X-Request-ID"
 
 __all__ = [
     "API_PREFIX",
+    "BUNDLE_MEDIA_TYPE",
+    "BundleError",
+    "InputsResponse",
+    "InputsSpec",
+    "LayerStdRequest",
+    "LayerStdResponse",
+    "LowRankOffset",
+    "PromptTensor",
+    "Projected",
+    "ProjectionSpec",
+    "decode_bundle",
+    "encode_bundle",
+    "materialize",
+    "parse_bundle",
+    "project",
     "HTTP_STATUS",
     "IDEMPOTENCY_HEADER",
     "REQUEST_ID_HEADER",

@@ -22,6 +22,9 @@ class FieldError(ValueError):
         self.reason = message
 
 
+UNION_TAGS = frozenset({"tensor", "projected", "spec", "name"})  # tags of discriminated unions, not parameters
+
+
 def error_param(error: dict) -> str:
     """Dotted parameter path of one pydantic error dict (``ValidationError.errors()`` item).
 
@@ -29,7 +32,7 @@ def error_param(error: dict) -> str:
     validators report only the model's own location. Both end up as one path, e.g.
     ``candidates.0.soft_prompt.data``. A leading "body" (FastAPI's request-body prefix) is dropped.
     """
-    loc: Sequence = [str(p) for p in error.get("loc", ())]
+    loc: Sequence = [str(p) for p in error.get("loc", ()) if p not in UNION_TAGS]
     if loc and loc[0] == "body":
         loc = loc[1:]
     cause = (error.get("ctx") or {}).get("error")

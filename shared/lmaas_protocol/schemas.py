@@ -12,9 +12,11 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from lmaas_protocol.base import FieldError, WireModel
+from lmaas_protocol.candidates import MAX_PROMPT_TOKENS, MAX_TOKEN_ID, Candidate, check_candidate
 from lmaas_protocol.errors import ErrorCode
+from lmaas_protocol.projection import MAX_PROJECTION_ELEMENTS, ProjectionSpec
 from lmaas_protocol.templates import parse_template, template_slots
-from lmaas_protocol.tensors import FLOAT_DTYPES, Tensor
+from lmaas_protocol.tensors import Tensor
 
 # Absolute ceilings of the protocol (servers publish their own limits, at most these).
 MAX_CANDIDATES = 1024
@@ -22,9 +24,8 @@ MAX_EXAMPLES = 8192
 MAX_CLASSES = 256
 MAX_WORDS_PER_CLASS = 16
 MAX_TEXT_CHARS = 32_768
-MAX_PROMPT_TOKENS = 4096
 MAX_TOKENIZE_TEXTS = 4096
-MAX_TOKEN_ID = 2**31 - 1
+MAX_PROJECTIONS = 256
 
 
 # ----------------------------------------------------------------------------------------------- health
@@ -45,6 +46,9 @@ class ServerLimits(WireModel):
     max_seq_len: int = Field(ge=1, description="Tokens per rendered example, prompt included.")
     max_prompt_length: int = Field(ge=0, le=MAX_PROMPT_TOKENS)
     max_body_bytes: int = Field(ge=1)
+    max_projection_elements: int = Field(
+        1 << 28, ge=1, le=MAX_PROJECTION_ELEMENTS, description="Largest d * prod(shape) of a server-side projection."
+    )
 
 
 class ModelInfo(WireModel):
@@ -58,6 +62,12 @@ class ModelInfo(WireModel):
     max_length: int = Field(ge=1, description="Longest rendered example the server accepts.")
     embedding_std: float = Field(
         gt=0, description="Std of the input word-embedding matrix; BBT scales its random projection by it."
+    )
+    layer_std: list[float] = Field(
+        default_factory=list,
+        description="Per layer i: std of the hidden states entering layer i (i = 0: the word embeddings), on a "
+        "fixed probe set, outliers clipped (5 rounds at mean +- 3 std), as BBTv2 scales its projections. "
+        "POST /v1/layer_std measures it on your own inputs.",
     )
     mask_token: str | None = None
     mask_token_id: int | None = None
@@ -97,44 +107,9 @@ class Example(WireModel):
     label: int | None = Field(None, ge=0, lt=MAX_CLASSES)
 
 
-class Candidate(WireModel):
-    """One prompt to score. Its rows fill the template's {prompt} slot.
+class InputsSpec(WireModel):
+    """A fixed example set with its template and verbalizer (inline in a request, or registered once)."""
 
-    - `prompt_token_ids` (length P): discrete tokens at the prompt positions;
-    - `soft_prompt` (P x hidden, float): vectors at the prompt positions. With token ids it is *added* to
-      their embeddings (BBT's "add" mode); alone it replaces them (a pure soft prompt);
-    - neither: the slot stays empty (the manual-prompt baseline).
-    """
-
-    soft_prompt: Tensor | None = None
-    prompt_token_ids: list[int] | None = Field(None, max_length=MAX_PROMPT_TOKENS)
-
-    @model_validator(mode="after")
-    def _shapes(self) -> Candidate:
-        if self.soft_prompt is not None:
-            if self.soft_prompt.dtype not in FLOAT_DTYPES:
-                raise FieldError("soft_prompt.dtype", f"must be a float dtype, got {self.soft_prompt.dtype}")
-            if len(self.soft_prompt.shape) != 2:
-                raise FieldError("soft_prompt.shape", f"must be [prompt_length, hidden], got {self.soft_prompt.shape}")
-        if self.prompt_token_ids is not None:
-            for j, token in enumerate(self.prompt_token_ids):
-                if not 0 <= token <= MAX_TOKEN_ID:
-                    raise FieldError(f"prompt_token_ids.{j}", f"token id {token} is out of range")
-            if self.soft_prompt is not None and self.soft_prompt.shape[0] != len(self.prompt_token_ids):
-                raise FieldError(
-                    "soft_prompt.shape",
-                    f"{self.soft_prompt.shape[0]} rows but {len(self.prompt_token_ids)} prompt_token_ids",
-                )
-        return self
-
-    @property
-    def prompt_length(self) -> int:
-        if self.soft_prompt is not None:
-            return self.soft_prompt.shape[0]
-        return len(self.prompt_token_ids or ())
-
-
-class EvaluateRequest(WireModel):
     template: str = Field(description="Text with slots {text_a}, {text_b}, {prompt}, {mask}.")
     examples: list[Example] = Field(min_length=1, max_length=MAX_EXAMPLES)
     verbalizer: list[list[int]] = Field(
@@ -142,7 +117,6 @@ class EvaluateRequest(WireModel):
         max_length=MAX_CLASSES,
         description="Token ids per class; a class's logit is the logsumexp of its tokens' logits.",
     )
-    candidates: list[Candidate] = Field(min_length=1, max_length=MAX_CANDIDATES)
     truncate: bool = Field(
         False, description="Shorten the longest text of an over-long example instead of rejecting it."
     )
@@ -168,31 +142,95 @@ class EvaluateRequest(WireModel):
         return verbalizer
 
     @model_validator(mode="after")
-    def _consistency(self) -> EvaluateRequest:
-        has_label = [e.label is not None for e in self.examples]
-        if any(has_label) and not all(has_label):
-            missing = has_label.index(False)
-            raise FieldError(f"examples.{missing}.label", "either every example has a label or none has")
-        for i, example in enumerate(self.examples):
-            if example.label is not None and example.label >= len(self.verbalizer):
-                raise FieldError(
-                    f"examples.{i}.label",
-                    f"{example.label} is not a class of the {len(self.verbalizer)}-class verbalizer",
-                )
-        slots = template_slots(self.template)
-        if "text_b" in slots:
-            for i, example in enumerate(self.examples):
-                if example.text_b is None:
-                    raise FieldError(f"examples.{i}.text_b", "the template uses {text_b} but the example has none")
-        if "prompt" not in slots:
-            for i, candidate in enumerate(self.candidates):
-                if candidate.prompt_length:
-                    raise FieldError(f"candidates.{i}", "the template has no {prompt} slot for this prompt")
+    def _consistency(self) -> InputsSpec:
+        check_examples(self.template, self.examples, len(self.verbalizer))
         return self
 
     @property
     def has_labels(self) -> bool:
         return self.examples[0].label is not None
+
+
+def check_examples(template: str, examples: list[Example], num_classes: int) -> None:
+    has_label = [e.label is not None for e in examples]
+    if any(has_label) and not all(has_label):
+        missing = has_label.index(False)
+        raise FieldError(f"examples.{missing}.label", "either every example has a label or none has")
+    for i, example in enumerate(examples):
+        if example.label is not None and example.label >= num_classes:
+            raise FieldError(
+                f"examples.{i}.label", f"{example.label} is not a class of the {num_classes}-class verbalizer"
+            )
+    if "text_b" in template_slots(template):
+        for i, example in enumerate(examples):
+            if example.text_b is None:
+                raise FieldError(f"examples.{i}.text_b", "the template uses {text_b} but the example has none")
+
+
+class InputsResponse(WireModel):
+    handle: str = Field(description="Reference it as `inputs` in evaluate requests instead of resending texts.")
+    examples: int
+    tokens: int = Field(description="Tokens of the rendered examples, without the prompt.")
+    prefix_cache: bool = Field(
+        description="Whether the text before the {prompt} slot is computed once and reused across candidates."
+    )
+    prefix_cache_reason: str = Field(description="Why (not): e.g. a prefix prompt has no text before it.")
+
+
+class EvaluateRequest(WireModel):
+    """Candidates scored on an example set: inline (template, examples, verbalizer) or a registered `inputs` handle."""
+
+    inputs: str | None = Field(None, max_length=128, description="A handle from POST /v1/inputs.")
+    template: str | None = Field(
+        None, description="Inline inputs: text with slots {text_a}, {text_b}, {prompt}, {mask}."
+    )
+    examples: list[Example] | None = Field(None, min_length=1, max_length=MAX_EXAMPLES)
+    verbalizer: list[list[int]] | None = Field(
+        None, min_length=2, max_length=MAX_CLASSES, description="Inline inputs: token ids per class."
+    )
+    truncate: bool = Field(False, description="Inline inputs: shorten over-long examples instead of rejecting them.")
+    candidates: list[Candidate] = Field(min_length=1, max_length=MAX_CANDIDATES)
+    projections: dict[str, ProjectionSpec] | None = Field(
+        None, max_length=MAX_PROJECTIONS, description="Named projection specs that candidates refer to."
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, template: str | None) -> str | None:
+        return None if template is None else InputsSpec._template(template)
+
+    @field_validator("verbalizer")
+    @classmethod
+    def _verbalizer(cls, verbalizer: list[list[int]] | None) -> list[list[int]] | None:
+        return None if verbalizer is None else InputsSpec._verbalizer(verbalizer)
+
+    @model_validator(mode="after")
+    def _consistency(self) -> EvaluateRequest:
+        inline = [self.template is not None, self.examples is not None, self.verbalizer is not None]
+        if self.inputs is not None and any(inline):
+            raise FieldError("inputs", "give either an inputs handle or template/examples/verbalizer, not both")
+        if self.inputs is not None and self.truncate:
+            raise FieldError("truncate", "set truncate when registering the inputs (POST /v1/inputs)")
+        if self.inputs is None:
+            if not all(inline):
+                missing = ["template", "examples", "verbalizer"][inline.index(False)]
+                raise FieldError(missing, "required unless an inputs handle is given")
+            check_examples(self.template, self.examples, len(self.verbalizer))
+        for i, candidate in enumerate(self.candidates):
+            if candidate.uses_named_projections:
+                check_candidate(candidate, self.projections or {}, f"candidates.{i}.")
+        if self.template is not None and "prompt" not in template_slots(self.template):
+            for i, candidate in enumerate(self.candidates):
+                if candidate.prompt_length(self.projections) or candidate.embedding_offset is not None:
+                    raise FieldError(f"candidates.{i}", "the template has no {prompt} slot for this prompt")
+        return self
+
+    def inline_inputs(self) -> InputsSpec | None:
+        if self.inputs is not None:
+            return None
+        return InputsSpec.model_construct(
+            template=self.template, examples=self.examples, verbalizer=self.verbalizer, truncate=self.truncate
+        )
 
 
 class CandidateResult(WireModel):
@@ -212,6 +250,15 @@ class EvaluateResponse(WireModel):
     request_id: str
     model: str
     results: list[CandidateResult]
+    usage: Usage
+
+
+class LayerStdRequest(WireModel):
+    inputs: str = Field(max_length=128, description="A handle from POST /v1/inputs.")
+
+
+class LayerStdResponse(WireModel):
+    layer_std: list[float] = Field(description="Per layer, as ModelInfo.layer_std but on these inputs.")
     usage: Usage
 
 

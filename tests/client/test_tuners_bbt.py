@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from lmaas_client.tuners import TUNERS, BBTConfig, BBTTuner, PromptCandidate, make_tuner
-from lmaas_client.tuners.bbt import random_projection
-from lmaas_protocol import Candidate, ModelInfo, ServerLimits
+from lmaas_client.tuners.bbt import projection_spec
+from lmaas_protocol import Candidate, ModelInfo, Projected, ServerLimits, materialize
 
 HIDDEN = 16
 EMBEDDING_STD = 0.1
@@ -26,7 +26,7 @@ def fake_model(vocab_size: int = 1003, hidden_size: int = HIDDEN, embedding_std:
 
 
 def tuner(**options) -> BBTTuner:
-    options = {"intrinsic_dim": 8, "prompt_length": 3, "popsize": 6, "seed": 1, **options}
+    options = {"intrinsic_dim": 8, "prompt_length": 3, "popsize": 6, "seed": 1, "projection_site": "client", **options}
     built = make_tuner("bbt", fake_model(), **options)
     assert isinstance(built, BBTTuner)
     return built
@@ -58,7 +58,7 @@ def target_for(t: BBTTuner, seed: int = 0) -> np.ndarray:
 
 def test_projection_std_matches_bbt_scaling():
     config = BBTConfig(intrinsic_dim=100, prompt_length=10, alpha=1.5, sigma=2.0, seed=3)
-    projection = random_projection(config, fake_model())
+    projection = materialize(projection_spec(config, fake_model()))
     assert projection.shape == (100, 10 * HIDDEN) and projection.dtype == np.float32
     expected = 1.5 * EMBEDDING_STD / (np.sqrt(100) * 2.0)
     assert projection.std() == pytest.approx(expected, rel=0.03)
@@ -74,6 +74,22 @@ def test_prompt_elements_have_alpha_times_embedding_std():
     # CMA-ES's first generation samples z ~ N(0, sigma^2 I), so its prompts have that scale too
     first = np.stack([c.soft for c in t.ask()])
     assert first.std() == pytest.approx(1.5 * EMBEDDING_STD, rel=0.1)
+
+
+def test_server_side_projection_sends_z_and_the_spec_and_matches_the_client_side_prompt():
+    server, client = tuner(projection_site="server"), tuner(projection_site="client")
+    asked = server.ask()
+    wire = asked[0].to_wire()
+    assert isinstance(wire.soft_prompt, Projected) and wire.soft_prompt.projection == server.spec
+    assert asked[0].to_wire({server.spec.key(): "p0"}).soft_prompt.projection == "p0"
+    assert wire.soft_prompt.z.shape == [8] and asked[0].soft is None and asked[0].length == 3
+    np.testing.assert_array_equal(server.materialize(asked[0]).soft, client.prompt(asked[0].z).soft)
+    assert wire.prompt_token_ids == [1000, 1001, 1002]
+
+
+def test_float16_wire_dtype_halves_the_z_payload():
+    half = tuner(projection_site="server", wire_dtype="float16").ask()[0].to_wire()
+    assert half.soft_prompt.z.dtype == "float16"
 
 
 def test_prompt_is_the_projection_of_z():
@@ -279,6 +295,6 @@ def test_init_tokens_none_gives_pure_soft_prompts():
     candidate = t.ask()[0]
     wire = candidate.to_wire()
     assert wire.prompt_token_ids is None and wire.soft_prompt.shape == [4, HIDDEN]
-    assert wire.prompt_length == 4
+    assert wire.prompt_length() == 4
     back = Candidate.model_validate_json(wire.model_dump_json(exclude_none=True))
     np.testing.assert_array_equal(back.soft_prompt.to_numpy(), candidate.soft)

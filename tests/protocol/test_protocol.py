@@ -347,9 +347,9 @@ def test_tokenize_request_names_the_over_long_text():
 
 
 def test_labels_are_all_or_none():
-    assert EvaluateRequest.model_validate(evaluate()).has_labels
+    assert EvaluateRequest.model_validate(evaluate()).inline_inputs().has_labels
     unlabelled = evaluate(examples=[{"text_a": "a"}, {"text_a": "b"}])
-    assert not EvaluateRequest.model_validate(unlabelled).has_labels
+    assert not EvaluateRequest.model_validate(unlabelled).inline_inputs().has_labels
     for examples, missing in (
         ([{"text_a": "a", "label": 0}, {"text_a": "b"}], "examples.1.label"),
         ([{"text_a": "a"}, {"text_a": "b", "label": 1}], "examples.0.label"),
@@ -395,12 +395,12 @@ def test_a_prompt_needs_a_prompt_slot():
 
 
 def test_candidate_prompt_length_and_shapes():
-    assert Candidate().prompt_length == 0
-    assert Candidate(prompt_token_ids=[1, 2, 3]).prompt_length == 3
-    assert Candidate.model_validate({"soft_prompt": soft_prompt(rows=4)}).prompt_length == 4
+    assert Candidate().prompt_length() == 0
+    assert Candidate(prompt_token_ids=[1, 2, 3]).prompt_length() == 3
+    assert Candidate.model_validate({"soft_prompt": soft_prompt(rows=4)}).prompt_length() == 4
     both = Candidate.model_validate({"soft_prompt": soft_prompt(rows=2), "prompt_token_ids": [1, 2]})
-    assert both.prompt_length == 2
-    with pytest.raises(ValidationError, match="2 rows but 3 prompt_token_ids"):
+    assert both.prompt_length() == 2
+    with pytest.raises(ValidationError, match="2 prompt rows, but the prompt has 3 positions"):
         Candidate.model_validate({"soft_prompt": soft_prompt(rows=2), "prompt_token_ids": [1, 2, 3]})
 
 

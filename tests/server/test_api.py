@@ -100,6 +100,7 @@ def test_health_model_tokenize_and_evaluate(live_server, engines, kind):
             "max_seq_len": 128,
             "max_prompt_length": 256,
             "max_body_bytes": 64 * 1024 * 1024,
+            "max_projection_elements": 1 << 28,
         }
         assert info["mask_token"] == ("[MASK]" if kind == "bert" else None)
         assert info["mask_token_id"] == (tokenizer.mask_token_id if kind == "bert" else None)
@@ -145,7 +146,7 @@ def test_health_model_tokenize_and_evaluate(live_server, engines, kind):
         assert again["usage"]["calls"] == 1 and again["usage"]["budget_remaining"] == 10 - len(candidates) - 1
 
 
-def test_openapi_lists_the_four_endpoints_and_docs_serve_html(engines):
+def test_openapi_lists_the_endpoints_and_docs_serve_html(engines):
     engine = engines("llama")
     client = TestClient(create_app(engine.settings, engine=engine))
     schema = client.get("/openapi.json").json()
@@ -154,9 +155,15 @@ def test_openapi_lists_the_four_endpoints_and_docs_serve_html(engines):
         "/v1/model": {"get"},
         "/v1/tokenize": {"post"},
         "/v1/evaluate": {"post"},
+        "/v1/inputs": {"post"},
+        "/v1/inputs/{handle}": {"delete"},
+        "/v1/layer_std": {"post"},
     }
     evaluate = schema["paths"]["/v1/evaluate"]["post"]
-    assert evaluate["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/EvaluateRequest")
+    body = evaluate["requestBody"]["content"]
+    assert set(body["application/json"]["schema"]["properties"]) >= {"candidates", "inputs", "template", "projections"}
+    assert "application/x-lmaas-bundle" in body
+    assert {"Candidate", "Projected", "ProjectionSpec", "LowRankOffset"} <= set(schema["components"]["schemas"])
     for status in ("400", "402", "413", "422"):
         ref = evaluate["responses"][status]["content"]["application/json"]["schema"]["$ref"]
         assert ref.endswith("/ErrorResponse"), (status, ref)
@@ -278,8 +285,8 @@ BAD_INPUTS = {
     "string-body": Bad(raw("POST", "/v1/evaluate", json_body="hello"), 400),
     "null-body": Bad(raw("POST", "/v1/evaluate", b"null"), 400),
     "empty-body": Bad(raw("POST", "/v1/evaluate", b""), 400),
-    "missing-content-type": Bad(raw("POST", "/v1/evaluate", lambda b: json.dumps(b), content_type=None), 400),
-    "text-plain": Bad(raw("POST", "/v1/evaluate", lambda b: json.dumps(b), content_type="text/plain"), 400),
+    "missing-content-type": Bad(raw("POST", "/v1/evaluate", lambda b: json.dumps(b), content_type=None), 415),
+    "text-plain": Bad(raw("POST", "/v1/evaluate", lambda b: json.dumps(b), content_type="text/plain"), 415),
     # 422: soft prompts
     "nan": Bad(ev(setter(SOFT, non_finite(np.nan))), 422, SOFT + ".data"),
     "inf": Bad(ev(setter(SOFT, non_finite(np.inf))), 422, SOFT + ".data"),
@@ -447,7 +454,7 @@ def test_an_absent_or_unsafe_request_id_is_replaced(live_server, given):
             seen.add(health.headers["x-request-id"])
         assert len(seen) == 2  # a fresh id per request
         error = assert_error(
-            client.post("/v1/evaluate", json={"foo": 1}, headers=headers), 422, "invalid_request", "template"
+            client.post("/v1/evaluate", json={"foo": 1}, headers=headers), 422, "invalid_request", "candidates"
         )
         assert GENERATED_ID.match(error["request_id"]) and error["request_id"] != given
         response = client.post("/v1/evaluate", json=evaluate_body("causal", [[5], [6]], [{}]), headers=headers)
@@ -463,7 +470,7 @@ def exploding_client(engines, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("simulated device failure")
 
-    monkeypatch.setattr(engine.scorer, "class_logits", explode)
+    monkeypatch.setattr(engine.forward, "run", explode)
     app = create_app(engine.settings.model_copy(update={"budget": 5}), engine=engine)
     return app, TestClient(app, raise_server_exceptions=False)
 

@@ -172,7 +172,7 @@ def test_failed_forward_is_refunded(engines, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("simulated device failure")
 
-    monkeypatch.setattr(engine.scorer, "class_logits", explode)
+    monkeypatch.setattr(engine.forward, "run", explode)
     with pytest.raises(RuntimeError):
         engine.evaluate(request(engine, [Candidate(), Candidate()]), budget)
     assert budget.used == 0

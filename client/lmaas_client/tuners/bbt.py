@@ -2,6 +2,8 @@
 
 A is a fixed random (d x P*hidden) matrix, normal with std alpha * embedding_std / (sqrt(d) * sigma), so
 each prompt element has std ~ alpha * embedding_std when z ~ N(0, sigma^2 I) (the BBT code's scaling).
+A comes from the protocol's deterministic generator, so by default only z and A's spec travel and the
+server computes A z (server-side projection); `projection_site="client"` sends A z instead.
 The prompt is *added* to the embeddings of P placeholder tokens (BBT's "add" mode; the BBT code uses
 vocabulary ids 1000..1000+P-1), or stands alone as a pure soft prompt (init_tokens="none").
 """
@@ -17,7 +19,7 @@ import numpy as np
 from pydantic import Field
 
 from lmaas_client.tuners.base import PromptCandidate, Tuner, TunerConfig, register_tuner
-from lmaas_protocol import ModelInfo
+from lmaas_protocol import ModelInfo, ProjectionSpec, materialize, project
 
 
 class BBTConfig(TunerConfig):
@@ -29,6 +31,10 @@ class BBTConfig(TunerConfig):
     bound: float | None = Field(None, gt=0, description="Box bound on z (the paper: 5); None = unbounded.")
     init_tokens: Literal["vocab", "none"] = Field("vocab", description="Placeholder tokens under the prompt.")
     init_token_offset: int = Field(1000, ge=0, description="First placeholder token id (BBT: 1000).")
+    projection_site: Literal["server", "client"] = Field(
+        "server", description="server: send z and the projection spec (4*d bytes); client: send A z."
+    )
+    wire_dtype: Literal["float32", "float16"] = Field("float32", description="dtype of z / A z on the wire.")
 
 
 @register_tuner
@@ -39,7 +45,8 @@ class BBTTuner(Tuner):
 
     def __init__(self, config: BBTConfig, model: ModelInfo):
         super().__init__(config, model)
-        self.projection = random_projection(config, model)  # [d, P*hidden] float32
+        self.spec = projection_spec(config, model)
+        self._matrix: np.ndarray | None = None  # A [d, P*hidden], materialized only when needed here
         self.token_ids = placeholder_tokens(config, model.vocab_size)
         self.es = cma.CMAEvolutionStrategy(np.zeros(config.intrinsic_dim), config.sigma, self._cma_options())
         self._pending: list[np.ndarray] | None = None
@@ -59,9 +66,25 @@ class BBTTuner(Tuner):
             options["bounds"] = [-c.bound, c.bound]
         return options
 
+    @property
+    def projection(self) -> np.ndarray:
+        if self._matrix is None:
+            self._matrix = materialize(self.spec)
+        return self._matrix
+
     def prompt(self, z: np.ndarray) -> PromptCandidate:
-        soft = (z.astype(np.float32) @ self.projection).reshape(self.config.prompt_length, self.model.hidden_size)
-        return PromptCandidate(soft=soft, token_ids=self.token_ids, z=np.asarray(z, dtype=np.float64))
+        z = np.asarray(z, dtype=np.float64)
+        candidate = PromptCandidate(token_ids=self.token_ids, z=z, wire_dtype=self.config.wire_dtype)
+        if self.config.projection_site == "server":
+            candidate.projection = self.spec
+            return candidate
+        return self.materialize(candidate)
+
+    def materialize(self, candidate: PromptCandidate) -> PromptCandidate:
+        if candidate.soft is not None or candidate.z is None:
+            return candidate
+        soft = project(candidate.z, self.projection, self.spec)  # [P, hidden], same A as the server's
+        return PromptCandidate(soft, candidate.token_ids, candidate.z, wire_dtype=candidate.wire_dtype)
 
     def ask(self) -> list[PromptCandidate]:
         self._pending = self.es.ask()
@@ -99,12 +122,16 @@ class SeededGaussian:
         return self.rng.standard_normal(shape)
 
 
-def random_projection(config: BBTConfig, model: ModelInfo) -> np.ndarray:
-    """A ~ N(0, (alpha * embedding_std / (sqrt(d) * sigma))^2), shape [d, P*hidden], from its own seeded RNG."""
-    d, width = config.intrinsic_dim, config.prompt_length * model.hidden_size
-    std = config.alpha * model.embedding_std / (np.sqrt(d) * config.sigma)
-    rng = np.random.default_rng(config.seed)
-    return (rng.standard_normal((d, width), dtype=np.float32) * np.float32(std)).astype(np.float32)
+def projection_spec(config: BBTConfig, model: ModelInfo) -> ProjectionSpec:
+    """A ~ N(0, (alpha * embedding_std / (sqrt(d) * sigma))^2), [d, P*hidden], from the protocol's generator."""
+    scale = config.alpha * model.embedding_std / (np.sqrt(config.intrinsic_dim) * config.sigma)
+    return ProjectionSpec(
+        seed=config.seed,
+        distribution="normal",
+        scale=float(scale),
+        dim=config.intrinsic_dim,
+        shape=[config.prompt_length, model.hidden_size],
+    )
 
 
 def placeholder_tokens(config: BBTConfig, vocab_size: int) -> list[int] | None:

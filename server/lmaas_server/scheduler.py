@@ -1,0 +1,98 @@
+"""Dynamic batching: one worker thread runs every forward pass, packing rows of concurrent requests.
+
+Request threads submit jobs and wait. Each round the worker takes every pending job, builds their rows
+(computing any missing prefix caches first: that is forward work too), and runs them in token-bounded
+batches, so several clients tuning at once share forward passes instead of queueing behind a lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from lmaas_server.inference import Forward, Row, batches
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Job:
+    def __init__(self, build: Callable[[], list[Row]]):
+        self.build = build  # runs on the worker thread
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class Scheduler:
+    def __init__(self, forward: Forward, max_batch_tokens: int):
+        self.forward = forward
+        self.max_batch_tokens = max_batch_tokens
+        self.batch_sizes: list[int] = []  # rows per forward of the last round (for tests and metrics)
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="lmaas-forward", daemon=True)
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def run(self, job: Job) -> None:
+        """Submit `job` and wait until its rows are scored; re-raises the worker's error."""
+        self._queue.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the worker thread (for forward work that is not scoring rows) and return its result."""
+        box: list[T] = []
+        self.run(Job(lambda: box.append(fn()) or []))
+        return box[0]
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs = [first]
+            while True:  # everything pending right now joins this round
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._round(jobs)
+                    return
+                jobs.append(job)
+            self._round(jobs)
+
+    def _round(self, jobs: list[Job]) -> None:
+        rows: list[Row] = []
+        owner: dict[int, Job] = {}
+        for job in jobs:
+            try:
+                built = job.build()
+            except BaseException as exc:
+                job.error = exc
+                continue
+            rows += built
+            owner.update((id(row), job) for row in built)
+        sizes = []
+        for batch in batches(rows, self.max_batch_tokens):
+            try:
+                self.forward.run(batch)
+                sizes.append(len(batch))
+            except BaseException as exc:
+                log.exception("forward pass failed")
+                for row in batch:
+                    owner[id(row)].error = exc
+        self.batch_sizes = sizes
+        for job in jobs:
+            job.done.set()
