@@ -18,7 +18,7 @@ from lmaas_client.errors import BudgetExhaustedError, LMaaSError
 from lmaas_client.evaluation import TaskScorer
 from lmaas_client.prompt_io import load_prompt
 from lmaas_client.runner import Progress as RunProgress
-from lmaas_client.runner import RunConfig, run_tuning
+from lmaas_client.runner import RunConfig, read_run_config, run_tuning, write_run_config
 from lmaas_client.tasks import TASKS, TaskError, get_task
 from lmaas_client.tuners import TUNERS, make_tuner
 
@@ -45,7 +45,7 @@ def info(server: Server = DEFAULT_BASE_URL, api_key: ApiKey = None) -> None:
 
 @app.command()
 def tune(
-    out: Annotated[Path, typer.Option(help="Run folder: result.json and prompt.npz are written here.")],
+    out: Annotated[Path, typer.Option(help="Run folder: run.json, checkpoint.pkl, result.json, prompt.npz, curve.png.")],
     server: Server = DEFAULT_BASE_URL,
     api_key: ApiKey = None,
     task: Annotated[str, typer.Option(help=f"Task: {', '.join(sorted(TASKS))}.")] = "sst2",
@@ -62,28 +62,46 @@ def tune(
     option: Annotated[
         Optional[list[str]], typer.Option("--option", "-o", help="Method option KEY=VALUE (repeatable).")
     ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint (its own settings).")] = False,
 ) -> None:
-    """Tune a prompt for a task with a black-box method, under a call budget."""
-    options = _parse_options(option or [])
-    shortcuts = {"popsize": popsize, "prompt_length": prompt_length, "intrinsic_dim": intrinsic_dim}
-    options.update({k: v for k, v in shortcuts.items() if v is not None})
-    options.setdefault("seed", seed)
-    if placement not in ("prefix", "suffix"):
-        raise typer.BadParameter("must be prefix or suffix", param_hint="--placement")
-    config = RunConfig(task, method, budget, seed, placement, eval_every, test_size,
-                       str(data_dir) if data_dir else None, options)  # fmt: skip
+    """Tune a prompt for a task with a black-box method, under a call budget (resumable)."""
+    if resume:
+        with _errors():
+            config, saved_server = read_run_config(out)
+        server = server if server != DEFAULT_BASE_URL else saved_server
+    else:
+        options = _parse_options(option or [])
+        shortcuts = {"popsize": popsize, "prompt_length": prompt_length, "intrinsic_dim": intrinsic_dim}
+        options.update({k: v for k, v in shortcuts.items() if v is not None})
+        options.setdefault("seed", seed)
+        if placement not in ("prefix", "suffix"):
+            raise typer.BadParameter("must be prefix or suffix", param_hint="--placement")
+        config = RunConfig(task, method, budget, seed, placement, eval_every, test_size,  # type: ignore[arg-type]
+                           str(data_dir) if data_dir else None, options)  # fmt: skip
     with _errors(), LMaaSClient(server, api_key=api_key) as client:
-        spec = get_task(task)
-        tuner = make_tuner(method, client.model_info(), **options)
+        spec = get_task(config.task)
+        tuner = make_tuner(config.method, client.model_info(), **config.options)
         out.mkdir(parents=True, exist_ok=True)
-        with _progress_bar(budget) as update:
-            result = run_tuning(client, spec, tuner, config, out, on_progress=update)
+        if not resume:
+            write_run_config(out, config, server)
+        with _progress_bar(config.budget) as update:
+            result = run_tuning(client, spec, tuner, config, out, on_progress=update, resume=resume)
         (out / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    if result.status == "budget_exhausted":
+        console.print(
+            f"[red]budget exhausted[/] after {result.calls_used}/{config.budget} calls; the checkpoint in {out} is "
+            f"kept: top up the key and run `lmaas tune --out {out} --resume`"
+        )
+        raise typer.Exit(EXIT_BUDGET)
     console.print(
-        f"[bold]{task}/{method}[/] seed {seed}: manual prompt {result.manual_prompt_test_acc:.4f} -> tuned "
-        f"{result.test_acc:.4f} test {result.metric} (best dev {result.best_dev_acc:.4f}); calls used "
-        f"{result.calls_used}/{budget} (+{result.eval_calls} for dev/test); {result.seconds:.0f} s; wrote {out}"
+        f"[bold]{config.task}/{config.method}[/] seed {config.seed}: manual prompt {result.manual_prompt_test_acc:.4f} "
+        f"-> tuned {result.test_acc:.4f} test {result.metric} (best dev {_fmt(result.best_dev_acc)}); calls used "
+        f"{result.calls_used}/{config.budget} (+{result.eval_calls} for dev/test); {result.seconds:.0f} s; wrote {out}"
     )
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 @app.command("eval")
@@ -174,6 +192,9 @@ class _progress_bar:
         self.progress.stop()
 
     def update(self, state: RunProgress) -> None:
+        if state.message:
+            self.progress.console.print(f"[dim]{state.message}[/]")
+            return
         dev = f"{state.dev_score:.4f}" if state.dev_score is not None else "-"
         self.progress.update(self.task_id, completed=state.calls_used, loss=f"{state.best_train_loss:.4f}", dev=dev)
 

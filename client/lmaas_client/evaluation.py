@@ -11,8 +11,8 @@ from lmaas_client import metrics
 from lmaas_client.client import LMaaSClient
 from lmaas_client.errors import NotFoundError
 from lmaas_client.tasks import Placement, TaskError, TaskSpec
-from lmaas_client.tuners.base import PromptCandidate, projection_names
-from lmaas_protocol import EvaluateRequest, EvaluateResponse, Example, InputsSpec, ProjectionSpec
+from lmaas_client.tuners.base import PromptCandidate, named_specs, projection_names
+from lmaas_protocol import EvaluateRequest, EvaluateResponse, Example, InputsSpec
 
 NO_PROMPT = PromptCandidate()  # empty {prompt} slot: the manual-prompt (zero-shot) baseline
 
@@ -62,7 +62,7 @@ class TaskScorer:
             for c0 in range(0, len(candidates), limits.max_candidates):
                 group = candidates[c0 : c0 + limits.max_candidates]
                 names = projection_names(group)
-                specs = {name: spec for spec, name in _specs(group, names)} or None
+                specs = named_specs(group, names) or None
                 wire = [c.to_wire(names) for c in group]
                 if cached:
                     response = self._evaluate_cached((id(examples), e0), chunk, wire, specs)
@@ -106,11 +106,6 @@ class TaskScorer:
             )
             for logits in self.logits(examples, candidates, cached)
         ]
-
-
-def _specs(candidates: Sequence[PromptCandidate], names: dict[tuple, str]) -> list[tuple[ProjectionSpec, str]]:
-    seen = {c.projection.key(): c.projection for c in candidates if c.projection is not None}
-    return [(seen[key], name) for key, name in names.items()]
 
 
 def build_verbalizer(client: LMaaSClient, words: Sequence[str]) -> list[list[int]]:

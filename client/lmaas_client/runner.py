@@ -2,10 +2,15 @@
 
 Accounting follows the BBT paper: `calls_used` counts the calls spent on the training set (one per
 candidate); scoring on dev and test is reported separately as `eval_calls` (the server charges those too).
+After every generation the run writes a checkpoint (tuner state, RNG states inside it, best prompts,
+calls, curve); `resume=True` continues from it and ends as an uninterrupted run with the same seed would.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -13,11 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from lmaas_client.client import LMaaSClient
+from lmaas_client.context import TuneContext
 from lmaas_client.data import load_split, resolve_data_dir, stratified_subsample
+from lmaas_client.errors import BudgetExhaustedError
 from lmaas_client.evaluation import NO_PROMPT, TaskScorer
+from lmaas_client.plots import plot_curve
 from lmaas_client.prompt_io import save_prompt
 from lmaas_client.tasks import Placement, TaskSpec
 from lmaas_client.tuners.base import PromptCandidate, Tuner
+
+CHECKPOINT = "checkpoint.pkl"
+CHECKPOINT_VERSION = 1
 
 
 @dataclass
@@ -40,6 +51,7 @@ class Progress:
     best_train_loss: float
     dev_score: float | None  # best dev metric so far
     eval_calls: int
+    message: str | None = None  # a stage starting (e.g. scoring the test set), for the progress display
 
 
 @dataclass
@@ -55,16 +67,29 @@ class RunResult:
     template: str
     metric: str
     manual_prompt_test_acc: float
-    best_dev_acc: float
-    test_acc: float
+    best_dev_acc: float | None
+    test_acc: float | None
     test_size: int
     seconds: float
     best_train_loss: float
+    status: str  # "completed" or "budget_exhausted" (the checkpoint is kept; resume after a top-up)
     config: dict[str, Any]
-    curve: list[dict[str, float]]
+    curve: list[dict[str, float | None]]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class RunState:
+    """Everything a checkpoint holds besides the tuner."""
+
+    calls: int = 0
+    eval_calls: int = 0
+    manual_test: float | None = None
+    curve: list[dict[str, float | None]] = field(default_factory=list)
+    selection: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 def run_tuning(
@@ -74,70 +99,102 @@ def run_tuning(
     config: RunConfig,
     out_dir: Path | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    resume: bool = False,
 ) -> RunResult:
     start = time.perf_counter()
+    notify = on_progress or (lambda _: None)
     scorer = TaskScorer(client, task, config.placement)
     data_dir = resolve_data_dir(config.data_dir)
     train = load_split(task, "train", config.seed, data_dir)
     dev = load_split(task, "dev", config.seed, data_dir)
     test = stratified_subsample(load_split(task, "test", config.seed, data_dir), config.test_size, config.seed)
-
-    manual_test = scorer.score(test, [NO_PROMPT])[0].metric
+    state = RunState()
     selection = DevSelection(scorer, dev, config.eval_every)
-    calls = 0
-    curve: list[dict[str, float]] = []
+    if resume:
+        state = load_checkpoint(out_dir, tuner, selection)
+    context = TuneContext(client, task, scorer.info, scorer, train, dev, config.seed, config.placement, resume)
+    tuner.setup(context)
+
+    def progress(message: str | None = None) -> None:
+        notify(Progress(state.calls, config.budget, tuner.best_loss, selection.best_score, state.eval_calls, message))
+
+    status = "completed"
+    try:
+        if state.manual_test is None:
+            progress(f"scoring the manual prompt on {len(test)} test examples")
+            state.manual_test = _counted(scorer, state, lambda: scorer.score(test, [NO_PROMPT])[0].metric)
+        search(scorer, tuner, train, selection, state, config, out_dir, progress, start)
+        chosen = (selection.best or tuner.best or NO_PROMPT).materialized()  # portable, self-contained
+        progress(f"scoring the selected prompt on {len(test)} test examples")
+        test_score = _counted(scorer, state, lambda: scorer.score(test, [chosen])[0].metric)
+    except BudgetExhaustedError:
+        status, test_score = "budget_exhausted", None
+        chosen = (selection.best or tuner.best or NO_PROMPT).materialized()
+    state.seconds += time.perf_counter() - start
+    result = _result(config, task, scorer, tuner, selection, state, test_score, len(test), status)
+    if out_dir is not None:
+        meta = {"task": task.name, "template": scorer.template, "model": scorer.info.name, "family": scorer.info.family,
+                "placement": config.placement, "method": config.method, "seed": config.seed}  # fmt: skip
+        save_prompt(out_dir / "prompt.npz", chosen, meta)
+        plot_curve(result.curve, out_dir / "curve.png", f"{task.name} / {config.method} / seed {config.seed}", task.metric)
+    return result
+
+
+def search(scorer, tuner: Tuner, train, selection, state: RunState, config: RunConfig, out_dir, progress, start) -> None:
+    """ask -> score on train (one call per candidate) -> tell, until the budget is spent."""
     per_candidate = scorer.calls_per_candidate(len(train))  # > 1 only if train exceeds the server's max_examples
-    while calls + per_candidate <= config.budget:
+    while tuner.black_box and state.calls + per_candidate <= config.budget:
         candidates = tuner.ask()
-        scored = candidates[: (config.budget - calls) // per_candidate]  # the budget may end inside a generation
-        losses = [s.loss for s in scorer.score(train, scored, tuner.config.loss, cached=True)]
-        calls += len(scored) * per_candidate
+        if not candidates:
+            break
+        scored = candidates[: (config.budget - state.calls) // per_candidate]  # the budget may end mid-generation
+        results = scorer.score(train, scored, tuner.config.loss, cached=True)
+        state.calls += len(scored) * per_candidate
+        losses = [r.loss for r in results]
         tuner.observe(scored, losses)
         if len(scored) == len(candidates):
-            tuner.tell(losses)
-        selection.maybe_evaluate(tuner.best, calls, final=calls >= config.budget)
-        curve.append({"calls": calls, "best_train_loss": tuner.best_loss, "dev_score": selection.best_score})
-        if on_progress:
-            on_progress(Progress(calls, config.budget, tuner.best_loss, selection.best_score, scorer.calls - calls))
+            tuner.tell(losses, [r.logits for r in results])
+        before = scorer.calls
+        selection.maybe_evaluate(tuner.best, state.calls, final=state.calls + per_candidate > config.budget)
+        state.eval_calls += scorer.calls - before
+        state.curve.append({"calls": state.calls, "best_train_loss": tuner.best_loss, "dev_score": selection.best_score})
+        if out_dir is not None:
+            save_checkpoint(out_dir, tuner, selection, state, start)
+        progress()
 
-    chosen = tuner.materialize(selection.best or tuner.best or NO_PROMPT)  # a portable, self-contained prompt
-    test_score = scorer.score(test, [chosen])[0].metric
+
+def _counted(scorer: TaskScorer, state: RunState, fn: Callable[[], Any]) -> Any:
+    """Run fn and add the calls it charged to eval_calls."""
+    before = scorer.calls
+    try:
+        return fn()
+    finally:
+        state.eval_calls += scorer.calls - before
+
+
+def _result(config, task, scorer, tuner, selection, state, test_score, test_size, status) -> RunResult:
     info = scorer.info
-    result = RunResult(
+    return RunResult(
         method=config.method,
         task=task.name,
         seed=config.seed,
         budget=config.budget,
-        calls_used=calls,
-        eval_calls=scorer.calls - calls,
+        calls_used=state.calls,
+        eval_calls=state.eval_calls,
         model=info.name,
         family=info.family,
         template=scorer.template,
         metric=task.metric,
-        manual_prompt_test_acc=manual_test,
-        best_dev_acc=selection.best_score if selection.best_score is not None else float("nan"),
+        manual_prompt_test_acc=state.manual_test if state.manual_test is not None else float("nan"),
+        best_dev_acc=selection.best_score,
         test_acc=test_score,
-        test_size=len(test),
-        seconds=round(time.perf_counter() - start, 2),
+        test_size=test_size,
+        seconds=round(state.seconds, 2),
         best_train_loss=tuner.best_loss,
+        status=status,
         config={**tuner.config.model_dump(), "placement": config.placement, "eval_every": config.eval_every},
-        curve=curve,
+        curve=state.curve,
     )
-    if out_dir is not None:
-        save_prompt(
-            out_dir / "prompt.npz",
-            chosen,
-            {
-                "task": task.name,
-                "template": scorer.template,
-                "model": info.name,
-                "family": info.family,
-                "placement": config.placement,
-                "method": config.method,
-                "seed": config.seed,
-            },
-        )
-    return result
 
 
 class DevSelection:
@@ -164,3 +221,55 @@ class DevSelection:
         score = self.scorer.score(self.dev, [candidate], cached=True)[0].metric
         if self.best_score is None or score > self.best_score:
             self.best, self.best_score = candidate, score
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_at": self.next_at, "best": self.best, "best_score": self.best_score, "last": self._last_scored}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_at, self.best, self.best_score = state["next_at"], state["best"], state["best_score"]
+        self._last_scored = state["last"]
+
+
+def save_checkpoint(out_dir: Path, tuner: Tuner, selection: DevSelection, state: RunState, start: float) -> None:
+    """Atomically replace out_dir/checkpoint.pkl (a crash mid-write leaves the previous one)."""
+    payload = {
+        "version": CHECKPOINT_VERSION,
+        "tuner": tuner.state_dict(),
+        "tuner_best": (tuner.best, tuner.best_loss),
+        "selection": selection.state_dict(),
+        "state": {**asdict(state), "seconds": state.seconds + time.perf_counter() - start},
+    }
+    tmp = out_dir / f".{CHECKPOINT}.tmp"
+    with tmp.open("wb") as handle:
+        pickle.dump(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, out_dir / CHECKPOINT)
+
+
+def load_checkpoint(out_dir: Path | None, tuner: Tuner, selection: DevSelection) -> RunState:
+    path = (out_dir or Path(".")) / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+    with path.open("rb") as handle:
+        payload = pickle.load(handle)
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {payload.get('version')} is not {CHECKPOINT_VERSION}")
+    tuner.load_state_dict(payload["tuner"])
+    tuner.best, tuner.best_loss = payload["tuner_best"]
+    selection.load_state_dict(payload["selection"])
+    return RunState(**payload["state"])
+
+
+def write_run_config(out_dir: Path, config: RunConfig, server: str) -> None:
+    """The run's settings, so `lmaas tune --resume DIR` can rebuild the same run."""
+    (out_dir / "run.json").write_text(json.dumps({**asdict(config), "server": server}, indent=2) + "\n")
+
+
+def read_run_config(out_dir: Path) -> tuple[RunConfig, str]:
+    path = out_dir / "run.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not a run folder (no run.json)")
+    data = json.loads(path.read_text())
+    server = data.pop("server")
+    return RunConfig(**data), server

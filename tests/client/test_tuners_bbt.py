@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lmaas_client.tuners import TUNERS, BBTConfig, BBTTuner, PromptCandidate, make_tuner
+from lmaas_client.tuners.base import ProjectedZ
 from lmaas_client.tuners.bbt import projection_spec
 from lmaas_protocol import Candidate, ModelInfo, Projected, ServerLimits, materialize
 
@@ -58,7 +59,7 @@ def target_for(t: BBTTuner, seed: int = 0) -> np.ndarray:
 
 def test_projection_std_matches_bbt_scaling():
     config = BBTConfig(intrinsic_dim=100, prompt_length=10, alpha=1.5, sigma=2.0, seed=3)
-    projection = materialize(projection_spec(config, fake_model()))
+    projection = materialize(projection_spec(config, fake_model(), 10, EMBEDDING_STD, 3))
     assert projection.shape == (100, 10 * HIDDEN) and projection.dtype == np.float32
     expected = 1.5 * EMBEDDING_STD / (np.sqrt(100) * 2.0)
     assert projection.std() == pytest.approx(expected, rel=0.03)
@@ -82,8 +83,8 @@ def test_server_side_projection_sends_z_and_the_spec_and_matches_the_client_side
     wire = asked[0].to_wire()
     assert isinstance(wire.soft_prompt, Projected) and wire.soft_prompt.projection == server.spec
     assert asked[0].to_wire({server.spec.key(): "p0"}).soft_prompt.projection == "p0"
-    assert wire.soft_prompt.z.shape == [8] and asked[0].soft is None and asked[0].length == 3
-    np.testing.assert_array_equal(server.materialize(asked[0]).soft, client.prompt(asked[0].z).soft)
+    assert wire.soft_prompt.z.shape == [8] and isinstance(asked[0].soft, ProjectedZ) and asked[0].length == 3
+    np.testing.assert_array_equal(asked[0].materialized().soft, client.prompt(asked[0].z).soft)
     assert wire.prompt_token_ids == [1000, 1001, 1002]
 
 
@@ -96,7 +97,7 @@ def test_prompt_is_the_projection_of_z():
     t = tuner()
     z = np.arange(8, dtype=np.float64) / 10
     candidate = t.prompt(z)
-    np.testing.assert_allclose(candidate.soft.reshape(-1), z.astype(np.float32) @ t.projection, rtol=1e-6)
+    np.testing.assert_allclose(candidate.soft.reshape(-1), z.astype(np.float32) @ materialize(t.spec), rtol=1e-6)
     np.testing.assert_array_equal(candidate.z, z)
 
 
@@ -112,7 +113,7 @@ def test_same_seed_gives_identical_asks_and_different_seeds_differ():
     for a, b in zip(asked_first, asked_again, strict=True):
         np.testing.assert_array_equal(a, b)  # bit-identical
     assert not np.allclose(asked_first[0], asked_other[0])
-    assert not np.allclose(tuner(seed=7).projection, tuner(seed=8).projection)
+    assert not np.allclose(materialize(tuner(seed=7).spec), materialize(tuner(seed=8).spec))
 
 
 def test_two_tuners_with_the_same_seed_agree_when_used_side_by_side():

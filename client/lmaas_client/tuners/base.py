@@ -1,64 +1,123 @@
 """The tuner interface: ask/tell objects that hold their own state and can be checkpointed.
 
-A tuner never talks to the server. The runner asks it for candidate prompts, scores them through the
-API (one call each) and tells it the losses; `state_dict()` captures everything needed to continue.
+A tuner never talks to the server directly. The runner asks it for candidate prompts, scores them through
+the API on the training set (one call each) and tells it the losses (and the label-word logits, which
+distillation-based methods use); `state_dict()` captures everything needed to continue exactly.
+Methods without a black-box search (baselines) do their work in `setup()` and ask for nothing.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmaas_client.metrics import LossName
-from lmaas_protocol import Candidate, ModelInfo, Projected, ProjectionSpec, Tensor
+from lmaas_protocol import Candidate, LowRankOffset, ModelInfo, Projected, ProjectionSpec, Tensor, materialize, project
+
+if TYPE_CHECKING:
+    from lmaas_client.context import TuneContext
+
+
+@dataclass
+class ProjectedZ:
+    """A tensor sent as z plus its projection spec; the server (or `materialized`) computes A z."""
+
+    z: np.ndarray  # [d]
+    spec: ProjectionSpec
+
+
+Part = np.ndarray | ProjectedZ
+
+
+@dataclass
+class LowRank:
+    """DePT's embedding offset scale * A B, A [s, r], B [r, hidden]."""
+
+    a: Part
+    b: Part
+    scale: float = 1.0
 
 
 @dataclass
 class PromptCandidate:
-    """One prompt for the template's {prompt} slot: soft vectors [P, hidden] and/or discrete token ids [P].
+    """One prompt for the template's {prompt} slot, in any of the forms the server accepts.
 
-    With `projection` set and no `soft`, the soft prompt travels as z plus a projection spec (server-side
-    projection: ~4*d bytes instead of 4*P*hidden); the server computes A z with the same A.
+    token_ids [P] discrete tokens (BDPL); soft [P, hidden] added to them (BBT); deep, one [P, hidden]
+    per layer (BBTv2); offset, a low-rank offset of the example's own token embeddings (DePT). Each
+    tensor is an array or a ProjectedZ (server-side projection: ~4*d bytes on the wire).
     """
 
-    soft: np.ndarray | None = None
     token_ids: list[int] | None = None
-    z: np.ndarray | None = None  # the low-dimensional point it came from, if any
-    projection: ProjectionSpec | None = None  # maps z to the soft prompt on the server
-    wire_dtype: str = "float32"  # dtype of soft / z on the wire (float16 halves the upload)
+    soft: Part | None = None
+    deep: list[Part | None] | None = None
+    offset: LowRank | None = None
+    z: np.ndarray | None = None  # the optimizer's point this came from, for the record
+    wire_dtype: str = "float32"  # float16 halves the upload
+    meta: dict[str, Any] = field(default_factory=dict)  # method-specific notes saved with the prompt
+
+    def parts(self) -> list[Part]:
+        found = [p for p in (self.soft, *(self.deep or ())) if p is not None]
+        return found + ([self.offset.a, self.offset.b] if self.offset is not None else [])
+
+    def specs(self) -> list[ProjectionSpec]:
+        return [p.spec for p in self.parts() if isinstance(p, ProjectedZ)]
 
     def to_wire(self, projection_names: dict[tuple, str] | None = None) -> Candidate:
-        """The wire form; projected candidates name their spec (`projection_names[spec.key()]`)."""
-        soft: Tensor | Projected | None = None
-        if self.soft is not None:
-            soft = Tensor.from_numpy(self.soft, dtype=self.wire_dtype)  # type: ignore[arg-type]
-        elif self.projection is not None and self.z is not None:
-            name = (projection_names or {}).get(self.projection.key())
-            z = Tensor.from_numpy(self.z, dtype=self.wire_dtype)  # type: ignore[arg-type]
-            soft = Projected(z=z, projection=name or self.projection)
-        return Candidate(soft_prompt=soft, prompt_token_ids=self.token_ids)
+        """The wire form; projected tensors name their spec (`projection_names[spec.key()]`) if given."""
+
+        def wire(part: Part | None) -> Tensor | Projected | None:
+            if part is None:
+                return None
+            if isinstance(part, ProjectedZ):
+                name = (projection_names or {}).get(part.spec.key())
+                return Projected(z=Tensor.from_numpy(part.z, dtype=self.wire_dtype), projection=name or part.spec)  # type: ignore[arg-type]
+            return Tensor.from_numpy(part, dtype=self.wire_dtype)  # type: ignore[arg-type]
+
+        offset = None
+        if self.offset is not None:
+            offset = LowRankOffset(a=wire(self.offset.a), b=wire(self.offset.b), scale=self.offset.scale)
+        deep = [wire(p) for p in self.deep] if self.deep is not None else None
+        return Candidate(prompt_token_ids=self.token_ids, soft_prompt=wire(self.soft), deep_prompt=deep, embedding_offset=offset)
+
+    def materialized(self) -> PromptCandidate:
+        """The same prompt with every projected tensor computed here (A from the protocol's generator)."""
+
+        def local(part: Part | None) -> np.ndarray | None:
+            if isinstance(part, ProjectedZ):
+                return project(part.z, materialize(part.spec), part.spec)
+            return part
+
+        offset = None if self.offset is None else LowRank(local(self.offset.a), local(self.offset.b), self.offset.scale)
+        deep = [local(p) for p in self.deep] if self.deep is not None else None
+        return replace(self, soft=local(self.soft), deep=deep, offset=offset)
 
     @property
     def length(self) -> int:
-        if self.soft is not None:
-            return self.soft.shape[0]
-        if self.projection is not None:
-            return self.projection.shape[0]
-        return len(self.token_ids or ())
+        if self.token_ids is not None:
+            return len(self.token_ids)
+        for part in (self.soft, *(self.deep or ())):
+            if part is not None:
+                return part.spec.shape[0] if isinstance(part, ProjectedZ) else part.shape[0]
+        return 0
 
 
 def projection_names(candidates: Sequence[PromptCandidate]) -> dict[tuple, str]:
     """A short name per distinct projection spec of `candidates` (sent once per request)."""
     names: dict[tuple, str] = {}
     for candidate in candidates:
-        if candidate.projection is not None and candidate.soft is None:
-            names.setdefault(candidate.projection.key(), f"p{len(names)}")
+        for spec in candidate.specs():
+            names.setdefault(spec.key(), f"p{len(names)}")
     return names
+
+
+def named_specs(candidates: Sequence[PromptCandidate], names: dict[tuple, str]) -> dict[str, ProjectionSpec]:
+    specs = {spec.key(): spec for c in candidates for spec in c.specs()}
+    return {name: specs[key] for key, name in names.items()}
 
 
 class TunerConfig(BaseModel):
@@ -73,6 +132,7 @@ class TunerConfig(BaseModel):
 class Tuner(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[TunerConfig]]
+    black_box: ClassVar[bool] = True  # False: a baseline that spends no API calls on search
 
     def __init__(self, config: TunerConfig, model: ModelInfo):
         self.config = config
@@ -80,23 +140,22 @@ class Tuner(ABC):
         self.best: PromptCandidate | None = None
         self.best_loss = float("inf")
 
-    @abstractmethod
-    def ask(self) -> list[PromptCandidate]:
-        """The next candidates to score (one API call each)."""
+    def setup(self, context: TuneContext) -> None:  # noqa: B027 - optional hook
+        """Called once before the first ask with the task's data and the API (e.g. to build a vocabulary)."""
 
     @abstractmethod
-    def tell(self, losses: Sequence[float]) -> None:
-        """The losses of the candidates of the last ask(), in order."""
+    def ask(self) -> list[PromptCandidate]:
+        """The next candidates to score (one API call each); [] when there is nothing left to search."""
+
+    @abstractmethod
+    def tell(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
+        """The losses (and [examples, classes] logits) of the candidates of the last ask(), in order."""
 
     def observe(self, candidates: Sequence[PromptCandidate], losses: Sequence[float]) -> None:
         """Track the lowest-loss candidate seen, including ones that are not told (a budget's last partial ask)."""
         for candidate, value in zip(candidates, losses, strict=True):
             if value < self.best_loss:
                 self.best, self.best_loss = candidate, float(value)
-
-    def materialize(self, candidate: PromptCandidate) -> PromptCandidate:
-        """The candidate with its tensors computed locally (for saving a portable prompt)."""
-        return candidate
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:

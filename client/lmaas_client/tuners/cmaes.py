@@ -1,0 +1,43 @@
+"""pycma strategies that never touch numpy's global RNG, so runs are reproducible side by side and resumable."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import cma
+import numpy as np
+
+
+class SeededGaussian:
+    """pycma's `randn(*shape)` drawn from a private PCG64 generator (pickled with the strategy)."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, *shape: int) -> np.ndarray:
+        return self.rng.standard_normal(shape)
+
+
+def strategy(dim: int, sigma: float, popsize: int, seed: int, bound: float | None = None) -> cma.CMAEvolutionStrategy:
+    """CMA-ES from x0 = 0 with step size `sigma` and population `popsize` (BBT's settings)."""
+    options: dict[str, Any] = {
+        "popsize": popsize,
+        "randn": SeededGaussian(seed),
+        "seed": np.nan,  # nan: pycma leaves numpy's global RNG alone
+        "verbose": -9,
+        "verb_log": 0,  # no outcmaes/ files
+        "verb_disp": 0,
+    }
+    if bound is not None:
+        options["bounds"] = [-bound, bound]
+    return cma.CMAEvolutionStrategy(np.zeros(dim), sigma, options)
+
+
+def dumps(es: cma.CMAEvolutionStrategy) -> bytes:
+    """pycma's own serialisation; written only to the user's own checkpoint files."""
+    return es.pickle_dumps()
+
+
+def loads(data: bytes) -> cma.CMAEvolutionStrategy:
+    return pickle.loads(data)
