@@ -67,20 +67,20 @@ class TaskScorer:
                 if cached:
                     response = self._evaluate_cached((id(examples), e0), chunk, wire, specs)
                 else:
-                    inline = self._inputs(chunk).model_dump()
+                    inline = self.inputs_spec(chunk).model_dump()
                     response = self.client.evaluate(EvaluateRequest(**inline, candidates=wire, projections=specs))
                 self.calls += response.usage.calls
                 for offset, result in enumerate(response.results):
                     out[c0 + offset].append(np.array(result.logits.to_numpy(), dtype=np.float32))
         return [np.concatenate(parts, axis=0) for parts in out]
 
-    def _inputs(self, examples: list[Example]) -> InputsSpec:
+    def inputs_spec(self, examples: list[Example]) -> InputsSpec:
         return InputsSpec(template=self.template, examples=examples, verbalizer=self.verbalizer, truncate=self.truncate)
 
     def _evaluate_cached(self, key, examples: list[Example], wire, projections) -> EvaluateResponse:
         for attempt in range(2):
             if key not in self._handles:
-                self._handles[key] = self.client.register_inputs(self._inputs(examples)).handle
+                self._handles[key] = self.client.register_inputs(self.inputs_spec(examples)).handle
             request = EvaluateRequest(inputs=self._handles[key], candidates=wire, projections=projections)
             try:
                 return self.client.evaluate(request)

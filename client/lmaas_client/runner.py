@@ -103,6 +103,8 @@ def run_tuning(
 ) -> RunResult:
     start = time.perf_counter()
     notify = on_progress or (lambda _: None)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
     scorer = TaskScorer(client, task, config.placement)
     data_dir = resolve_data_dir(config.data_dir)
     train = load_split(task, "train", config.seed, data_dir)

@@ -59,7 +59,10 @@ def target_for(t: BBTTuner, seed: int = 0) -> np.ndarray:
 
 def test_projection_std_matches_bbt_scaling():
     config = BBTConfig(intrinsic_dim=100, prompt_length=10, alpha=1.5, sigma=2.0, seed=3)
-    projection = materialize(projection_spec(config, fake_model(), 10, EMBEDDING_STD, 3))
+    c = config
+    projection = materialize(
+        projection_spec(c.intrinsic_dim, c.sigma, c.alpha, EMBEDDING_STD, c.prompt_length, HIDDEN, c.seed)
+    )
     assert projection.shape == (100, 10 * HIDDEN) and projection.dtype == np.float32
     expected = 1.5 * EMBEDDING_STD / (np.sqrt(100) * 2.0)
     assert projection.std() == pytest.approx(expected, rel=0.03)

@@ -44,7 +44,8 @@ class BBTTuner(Tuner):
 
     def __init__(self, config: BBTConfig, model: ModelInfo):
         super().__init__(config, model)
-        self.spec = projection_spec(config, model, config.prompt_length, model.embedding_std, config.seed)
+        self.spec = projection_spec(config.intrinsic_dim, config.sigma, config.alpha, model.embedding_std,
+                                    config.prompt_length, model.hidden_size, config.seed)  # fmt: skip
         self.token_ids = placeholder_tokens(config.init_tokens, config.init_token_offset, config.prompt_length, model.vocab_size)
         self.es = cmaes.strategy(config.intrinsic_dim, config.sigma, config.popsize, config.seed, config.bound)
         self._pending: list[np.ndarray] | None = None
@@ -79,11 +80,13 @@ class BBTTuner(Tuner):
         self.best_loss = state["best_loss"]
 
 
-def projection_spec(config: Any, model: ModelInfo, length: int, std: float, seed: int) -> ProjectionSpec:
-    """A ~ N(0, (alpha * std / (sqrt(d) * sigma))^2), [d, P*hidden], from the protocol's generator."""
-    scale = config.alpha * std / (np.sqrt(config.intrinsic_dim) * config.sigma)
-    return ProjectionSpec(seed=seed, distribution="normal", scale=float(scale), dim=config.intrinsic_dim,
-                          shape=[length, model.hidden_size])  # fmt: skip
+def projection_spec(
+    dim: int, sigma: float, alpha: float, std: float, length: int, hidden: int, seed: int
+) -> ProjectionSpec:
+    """A ~ N(0, (alpha * std / (sqrt(d) * sigma))^2), [d, P*hidden]: each prompt element then has std
+    ~ alpha * std when z ~ N(0, sigma^2 I). Drawn by the protocol's generator (the server's A is the same)."""
+    scale = alpha * std / (np.sqrt(dim) * sigma)
+    return ProjectionSpec(seed=seed, distribution="normal", scale=float(scale), dim=dim, shape=[length, hidden])
 
 
 def placeholder_tokens(init: str, offset: int, length: int, vocab_size: int) -> list[int] | None:

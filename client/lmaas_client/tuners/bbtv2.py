@@ -1,0 +1,112 @@
+"""BBTv2 (Sun et al., EMNLP 2022): deep prompts, one per layer, searched layer by layer (divide and conquer).
+
+Layer i's prompt is A_i z_i (z_i in R^d, A_i fixed random [d, P*hidden], normal with std
+alpha * std_i / (sqrt(d) * sigma)); std_0 is the word-embedding std and std_i (i >= 1) the std of the hidden
+states entering layer i — the server's probe-set statistics (`ModelInfo.layer_std`), or measured on the
+training set through POST /v1/layer_std (`layer_std="measured"`, one call). Prompt 0 is added to the
+embeddings of P placeholder tokens (as BBT), prompt i to the hidden states at the prompt positions before
+layer i (the server's deep prompts).
+
+Schedule: one CMA-ES per layer; per round, one generation (popsize calls) for each layer bottom-up while
+every other layer stays at its best point so far; after its generation a layer is fixed at its best z.
+With the paper's 8,000 calls and 24 layers that is 16 rounds. Candidates travel as z per layer plus the
+layer's projection spec (server-side projection), so a candidate costs ~4*d bytes per tuned layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from lmaas_client.tuners import cmaes
+from lmaas_client.tuners.base import ProjectedZ, PromptCandidate, Tuner, TunerConfig, register_tuner
+from lmaas_client.tuners.bbt import placeholder_tokens, projection_spec
+from lmaas_protocol import ModelInfo
+
+
+class BBTv2Config(TunerConfig):
+    intrinsic_dim: int = Field(500, ge=1, le=100_000, description="d per layer.")
+    prompt_length: int = Field(50, ge=1, le=4096, description="P prompt tokens (every layer).")
+    popsize: int = Field(20, ge=2, le=1024)
+    sigma: float = Field(0.2, gt=0, description="CMA-ES initial step size (BBTv2's README: 0.2).")
+    alpha: float = Field(0.2, gt=0, description="Prompt std in units of the layer's hidden-state std (0.2).")
+    bound: float | None = Field(None, gt=0)
+    layers: int | None = Field(None, ge=1, description="Tune the first N layers (default: all).")
+    layer_std: Literal["model", "measured"] = Field("model", description="Where std_i comes from (see module).")
+    init_tokens: Literal["vocab", "none"] = "vocab"
+    init_token_offset: int = Field(1000, ge=0)
+    wire_dtype: Literal["float32", "float16"] = "float32"
+
+
+@register_tuner
+class BBTv2Tuner(Tuner):
+    name = "bbtv2"
+    config_class = BBTv2Config
+    config: BBTv2Config
+
+    def __init__(self, config: BBTv2Config, model: ModelInfo):
+        super().__init__(config, model)
+        self.num_layers = min(config.layers or model.num_layers, model.num_layers)
+        self.token_ids = placeholder_tokens(config.init_tokens, config.init_token_offset, config.prompt_length, model.vocab_size)
+        stds = model.layer_std if len(model.layer_std) >= self.num_layers else [model.embedding_std] * self.num_layers
+        self._set_specs(stds)
+        self.strategies = [
+            cmaes.strategy(config.intrinsic_dim, config.sigma, config.popsize, config.seed * 1000 + i, config.bound)
+            for i in range(self.num_layers)
+        ]
+        self.best_z: list[np.ndarray | None] = [None] * self.num_layers  # None: layer not tuned yet (adds nothing)
+        self.step = 0  # generations told so far; the layer being tuned is step % num_layers
+        self._pending: list[np.ndarray] | None = None
+
+    def _set_specs(self, stds: Sequence[float]) -> None:
+        c = self.config
+        self.specs = [
+            projection_spec(c.intrinsic_dim, c.sigma, c.alpha, stds[i], c.prompt_length, self.model.hidden_size, c.seed * 1000 + i)
+            for i in range(self.num_layers)
+        ]
+
+    def setup(self, context) -> None:
+        if self.config.layer_std == "measured" and not context.resumed:
+            handle = context.client.register_inputs(context.scorer.inputs_spec(context.train)).handle
+            self._set_specs(context.client.layer_std(handle).layer_std)
+
+    @property
+    def layer(self) -> int:
+        return self.step % self.num_layers
+
+    def prompt(self, layer: int, z: np.ndarray) -> PromptCandidate:
+        points = list(self.best_z)
+        points[layer] = np.asarray(z, dtype=np.float64)
+        deep = [None if p is None else ProjectedZ(p, spec) for p, spec in zip(points, self.specs, strict=True)]
+        return PromptCandidate(token_ids=self.token_ids, deep=deep, z=points[layer], wire_dtype=self.config.wire_dtype,
+                               meta={"tuned_layer": layer})  # fmt: skip
+
+    def ask(self) -> list[PromptCandidate]:
+        self._pending = self.strategies[self.layer].ask()
+        return [self.prompt(self.layer, z) for z in self._pending]
+
+    def tell(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
+        if self._pending is None or len(losses) != len(self._pending):
+            raise ValueError("tell() needs one loss per candidate of the last ask()")
+        es = self.strategies[self.layer]
+        es.tell(self._pending, [float(v) for v in losses])
+        self.best_z[self.layer] = np.array(es.result.xbest, dtype=np.float64)  # fixed at its best from now on
+        self._pending = None
+        self.step += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "strategies": [cmaes.dumps(es) for es in self.strategies],
+            "best_z": self.best_z,
+            "step": self.step,
+            "pending": self._pending,
+            "specs": [s.model_dump() for s in self.specs],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strategies = [cmaes.loads(data) for data in state["strategies"]]
+        self.best_z, self.step, self._pending = state["best_z"], state["step"], state["pending"]
+        self.specs = [type(self.specs[0]).model_validate(s) for s in state["specs"]]
