@@ -31,6 +31,7 @@ def engines(tiny_model_dirs):
     cache: dict[str, Engine] = {}
 
     def get(kind: str, **overrides) -> Engine:
+        overrides = {"require_api_key": False, **overrides}  # metering tests turn keys on explicitly
         key = f"{kind}{sorted(overrides.items())}"
         if key not in cache:
             settings = Settings(model=str(tiny_model_dirs[kind]), device="cpu", **overrides)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lmaas_protocol import schemas
@@ -30,7 +30,9 @@ class Settings(BaseSettings):
     # Serving
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    budget: int | None = Field(None, ge=0, description="Calls this server may charge in all; unset = unlimited.")
+    budget: int | None = Field(
+        None, ge=0, description="Without API keys (--no-auth): calls this process may charge in all; unset = unlimited."
+    )
 
     # Limits, checked before any compute and published at /v1/model.
     max_candidates: int = Field(64, ge=1, le=schemas.MAX_CANDIDATES)
@@ -48,3 +50,26 @@ class Settings(BaseSettings):
     max_input_handles: int = Field(256, ge=1, description="Registered example sets kept (LRU).")
     input_cache_bytes: int = Field(2 << 30, ge=0, description="Bytes of registered inputs and their text caches.")
     prefix_cache: bool = Field(True, description="Reuse the keys/values of text before the prompt (causal LMs).")
+    max_tokens_per_request: int = Field(
+        4_000_000, ge=1, description="Tokens of rendered examples x candidates in one request."
+    )
+    request_timeout_s: float = Field(300.0, gt=0, description="Longest an evaluation may run; then 504, not charged.")
+
+    # Metering
+    require_api_key: bool = Field(True, description="Every model endpoint needs `Authorization: Bearer <key>`.")
+    database_url: str = Field(
+        f"sqlite:///{Path.home() / '.local' / 'share' / 'lmaas' / 'lmaas.db'}",
+        description="SQLAlchemy URL of the metering database: sqlite:///path or postgresql://user@host/db.",
+    )
+    admin_token: SecretStr | None = Field(None, description="Bearer token of /v1/admin/*; unset = admin API off.")
+    replica_id: str | None = Field(
+        None,
+        description="Names this replica in the ledger; a restart with the same id refunds its leftovers "
+        "(default: host name and port).",
+    )
+    stale_reservation_s: float = Field(
+        900.0, gt=0, description="Reservations older than this are refunded by any replica (> request timeout)."
+    )
+    prometheus_multiproc_dir: Path | None = Field(
+        None, description="Enables Prometheus multiprocess mode (several uvicorn workers)."
+    )

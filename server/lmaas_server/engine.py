@@ -15,6 +15,7 @@ import numpy as np
 from lmaas_protocol import (
     Candidate,
     CandidateResult,
+    ErrorCode,
     EvaluateRequest,
     EvaluateResponse,
     InputsResponse,
@@ -31,10 +32,10 @@ from lmaas_protocol import (
 )
 from lmaas_protocol.candidates import shape_of, spec_of
 from lmaas_protocol.templates import template_slots
-from lmaas_server import probes
-from lmaas_server.budget import CallBudget
+from lmaas_server import metrics, probes
+from lmaas_server.budget import Account
 from lmaas_server.config import Settings
-from lmaas_server.errors import InvalidRequest
+from lmaas_server.errors import APIError, InvalidRequest
 from lmaas_server.inference import Forward, Row, Verbalizer
 from lmaas_server.inputs_store import InputsStore, PreparedInputs, Variant
 from lmaas_server.model_loading import LoadedModel, transformer_layers
@@ -149,7 +150,7 @@ class Engine:
     # ------------------------------------------------------------------------------------------- evaluate
 
     def evaluate(
-        self, request: EvaluateRequest, budget: CallBudget, request_id: str | None = None, owner: str | None = None
+        self, request: EvaluateRequest, account: Account, request_id: str | None = None, owner: str | None = None
     ) -> EvaluateResponse:
         if request.inputs is not None:
             prepared = self.inputs.get(request.inputs, owner)
@@ -159,27 +160,38 @@ class Engine:
         lengths = [c.prompt_length(request.projections) for c in request.candidates]
         variant = prepared.variant(self.renderer, max(lengths), min(lengths))
         calls = len(request.candidates)
-        budget.reserve(calls)  # before decoding: materializing projections is work only paying callers get
+        tokens = sum(e.length(length) for length in lengths for e in variant.rendered)
+        if tokens > self.settings.max_tokens_per_request:
+            raise InvalidRequest(
+                "candidates", f"{tokens} tokens (examples x candidates) exceed {self.settings.max_tokens_per_request}"
+            )
+        reservation = account.reserve(calls, tokens)  # before decoding: projections are work for paying callers
         try:
             prompts = [self.decoder.decode(c, request.projections) for c in request.candidates]
             use_prefix = self._use_prefix(variant, prompts, reused=request.inputs is not None)
             logits = self.score(prepared, variant, prompts, use_prefix)
+            results = [self._result(candidate_logits, prepared.labels) for candidate_logits in logits]
+            usage = Usage(
+                calls=calls, examples=len(variant.rendered), tokens=tokens, budget_remaining=reservation.remaining
+            )
+            response = EvaluateResponse(
+                request_id=request_id or uuid.uuid4().hex, model=self.loaded.name, results=results, usage=usage
+            )
+            reservation.settle(response)  # before the response leaves: a completed request is never refunded
         except BaseException:
-            budget.refund(calls)  # the caller gets an error and pays nothing
+            reservation.refund()  # the caller gets an error and pays nothing
             raise
-        results = [self._result(candidate_logits, prepared.labels) for candidate_logits in logits]
-        tokens = sum(r.length(p.length) for p in prompts for r in variant.rendered)
-        usage = Usage(calls=calls, examples=len(variant.rendered), tokens=tokens, budget_remaining=budget.remaining)
-        return EvaluateResponse(
-            request_id=request_id or uuid.uuid4().hex, model=self.loaded.name, results=results, usage=usage
-        )
+        return response
 
     def score(
         self, prepared: PreparedInputs, variant: Variant, prompts: list[RowPrompt], use_prefix: bool
     ) -> np.ndarray:
         """Class logits [candidates, examples, classes], computed on the scheduler's worker thread."""
         logits = np.empty((len(prompts), len(variant.rendered), len(prepared.spec.verbalizer)), dtype=np.float32)
-        self.scheduler.run(Job(lambda: self._rows(prepared, variant, prompts, logits, use_prefix)))
+        job = Job(lambda: self._rows(prepared, variant, prompts, logits, use_prefix))
+        if not self.scheduler.run(job, timeout=self.settings.request_timeout_s):
+            message = f"the request took longer than {self.settings.request_timeout_s:g} s; nothing was charged"
+            raise APIError(ErrorCode.TIMEOUT, message)
         return logits
 
     def layer_std(self, prepared: PreparedInputs) -> list[float]:
@@ -187,17 +199,24 @@ class Engine:
         rendered = prepared.variant(self.renderer, 0, 0).rendered
         return self.scheduler.call(lambda: probes.layer_std(self.loaded.model, self.layers, rendered, self.pad_id))
 
-    def measure_layer_std(self, request: LayerStdRequest, budget: CallBudget) -> LayerStdResponse:
+    def measure_layer_std(
+        self, request: LayerStdRequest, account: Account, owner: str | None = None
+    ) -> LayerStdResponse:
         """layer_std on registered inputs, charged as one call."""
-        prepared = self.inputs.get(request.inputs)
-        budget.reserve(1)
+        prepared = self.inputs.get(request.inputs, owner)
+        tokens = sum(len(e.ids) for e in prepared.variant(self.renderer, 0, 0).rendered)
+        reservation = account.reserve(1, tokens)
         try:
             values = self.layer_std(prepared)
+            usage = Usage(
+                calls=1, examples=len(prepared.spec.examples), tokens=tokens, budget_remaining=reservation.remaining
+            )
+            response = LayerStdResponse(layer_std=values, usage=usage)
+            reservation.settle(response)
         except BaseException:
-            budget.refund(1)
+            reservation.refund()
             raise
-        usage = Usage(calls=1, examples=len(prepared.spec.examples), tokens=0, budget_remaining=budget.remaining)
-        return LayerStdResponse(layer_std=values, usage=usage)
+        return response
 
     def _use_prefix(self, variant: Variant, prompts: list[RowPrompt], reused: bool) -> bool:
         """Cached text pays off across requests (a handle) or across at least two candidates."""
@@ -208,6 +227,8 @@ class Engine:
 
     def _rows(self, prepared, variant: Variant, prompts, logits: np.ndarray, use_prefix: bool) -> list[Row]:
         """Runs on the scheduler thread (computing the text cache is forward work too)."""
+        if use_prefix:
+            metrics.cache_event("prefix", hit=variant.prefix is not None)
         if use_prefix and variant.prefix is None:
             variant.prefix = compute_prefix(
                 self.loaded.model, variant.rendered, self.pad_id, self.settings.max_batch_tokens

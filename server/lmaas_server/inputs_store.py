@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lmaas_protocol import ErrorCode, FieldError, InputsSpec
+from lmaas_server import metrics
 from lmaas_server.errors import APIError, InvalidRequest
 from lmaas_server.inference import Verbalizer
 from lmaas_server.prefix_cache import PrefixKV
@@ -84,7 +85,9 @@ class InputsStore:
             prepared = self._items.get(handle)
             if prepared is not None and prepared.owner == owner:
                 self._items.move_to_end(handle)
+                metrics.cache_event("inputs", hit=True)
                 return prepared
+            metrics.cache_event("inputs", hit=False)
             if handle in self._evicted:
                 raise APIError(
                     ErrorCode.GONE,

@@ -1,8 +1,9 @@
-"""The FastAPI application: settings in, model loaded in the lifespan, routes, handlers, middleware."""
+"""The FastAPI application: settings in, model and metering set up in the lifespan, routes, middleware."""
 
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,31 +11,49 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from lmaas_protocol import EvaluateRequest, InputsSpec, __version__
-from lmaas_server.api import handlers
+from lmaas_server.api import admin, handlers
 from lmaas_server.api.bodies import component_schemas
-from lmaas_server.api.routes import router
+from lmaas_server.api.routes import router, service_router
 from lmaas_server.budget import CallBudget
 from lmaas_server.config import Settings
 from lmaas_server.engine import Engine
+from lmaas_server.metering.db import make_engine, migrate, session_factory
+from lmaas_server.metering.meter import Meter
+from lmaas_server.metrics import MetricsMiddleware
 from lmaas_server.middleware import BodyLimitMiddleware, InternalErrorMiddleware, RequestContextMiddleware
 from lmaas_server.model_loading import load_model
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """Build the app. Pass `engine` to serve an already loaded model (tests); else the lifespan loads one."""
+def build_meter(settings: Settings) -> Meter:
+    """Open (and migrate) the metering database."""
+    database = make_engine(settings.database_url)
+    migrate(database)
+    replica = settings.replica_id or f"{socket.gethostname()}:{settings.port}"
+    return Meter(session_factory(database), replica, settings.stale_reservation_s)
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None, meter: Meter | None = None) -> FastAPI:
+    """Build the app. Pass `engine` (and `meter`) to serve already built ones (tests); else the lifespan does."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        owned = app.state.engine is None
-        if owned:
+        owns_meter = settings.require_api_key and app.state.meter is None
+        if owns_meter:
+            app.state.meter = build_meter(settings)
+        if app.state.meter is not None:
+            app.state.meter.start_sweeper()  # refunds this replica's leftovers from before a crash
+        owns_engine = app.state.engine is None
+        if owns_engine:
             app.state.engine = Engine(load_model(settings), settings)
             log.info("serving %s", app.state.engine.info.name)
         yield
-        if owned:
+        if owns_engine:
             app.state.engine.close()
+        if app.state.meter is not None:
+            app.state.meter.close()
 
     app = FastAPI(
         title="lmaas",
@@ -44,12 +63,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.budget = CallBudget(settings.budget)
+    app.state.meter = meter
+    app.state.budget = CallBudget(settings.budget)  # the account of a server without keys
     app.include_router(router)
+    app.include_router(admin.router)
+    app.include_router(service_router)
     app.openapi = lambda: _openapi(app)
     handlers.install(app)
     app.add_middleware(InternalErrorMiddleware)  # innermost: 500s without dropping the connection
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestContextMiddleware)  # outermost: ids also on 413 rejections
     return app
 

@@ -17,6 +17,7 @@ import torch
 
 from lmaas_protocol import Candidate, Projected, ProjectionSpec, Tensor, materialize
 from lmaas_protocol.candidates import spec_of
+from lmaas_server import metrics
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,9 @@ class RowPrompt:
 class LRUCache:
     """A thread-safe LRU bounded by the total bytes of its torch tensors."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, name: str):
         self.max_bytes = max_bytes
+        self.name = name  # the cache label in the metrics
         self.bytes = 0
         self.hits = self.misses = 0
         self._items: OrderedDict[object, torch.Tensor] = OrderedDict()
@@ -48,6 +50,7 @@ class LRUCache:
     def get(self, key: object) -> torch.Tensor | None:
         with self._lock:
             value = self._items.get(key)
+            metrics.cache_event(self.name, hit=value is not None)
             if value is None:
                 self.misses += 1
                 return None
@@ -73,8 +76,8 @@ class CandidateDecoder:
     def __init__(self, device: torch.device, dtype: torch.dtype, projection_cache_bytes: int):
         self.device = device
         self.dtype = dtype
-        self.matrices = LRUCache(projection_cache_bytes)  # spec -> A [d, width] float32
-        self.outputs = LRUCache(max(projection_cache_bytes // 16, 1 << 20))  # (spec, z) -> A z
+        self.matrices = LRUCache(projection_cache_bytes, "projection_matrix")  # spec -> A [d, width] float32
+        self.outputs = LRUCache(max(projection_cache_bytes // 16, 1 << 20), "projection_output")  # (spec, z) -> A z
 
     def decode(self, candidate: Candidate, projections: dict[str, ProjectionSpec] | None) -> RowPrompt:
         length = candidate.prompt_length(projections)

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from lmaas_server import metrics
 from lmaas_server.inference import Forward, Row, batches
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ class Job:
         self.build = build  # runs on the worker thread
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self.cancelled = False  # set by a request that stopped waiting (timeout): its rows are skipped
 
 
 class Scheduler:
@@ -39,12 +41,18 @@ class Scheduler:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
-    def run(self, job: Job) -> None:
-        """Submit `job` and wait until its rows are scored; re-raises the worker's error."""
+    def run(self, job: Job, timeout: float | None = None) -> bool:
+        """Submit `job` and wait until its rows are scored; re-raises the worker's error.
+
+        Returns False when `timeout` passed first: the job is cancelled (rows not yet run are skipped).
+        """
         self._queue.put(job)
-        job.done.wait()
+        if not job.done.wait(timeout):
+            job.cancelled = True
+            return False
         if job.error is not None:
             raise job.error
+        return True
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the worker thread (for forward work that is not scoring rows) and return its result."""
@@ -74,9 +82,12 @@ class Scheduler:
             self._round(jobs)
 
     def _round(self, jobs: list[Job]) -> None:
+        metrics.QUEUE_DEPTH.set(self._queue.qsize())
         rows: list[Row] = []
         owner: dict[int, Job] = {}
         for job in jobs:
+            if job.cancelled:
+                continue
             try:
                 built = job.build()
             except BaseException as exc:
@@ -86,9 +97,13 @@ class Scheduler:
             owner.update((id(row), job) for row in built)
         sizes = []
         for batch in batches(rows, self.max_batch_tokens):
+            batch = [row for row in batch if not owner[id(row)].cancelled]
+            if not batch:
+                continue
             try:
                 self.forward.run(batch)
                 sizes.append(len(batch))
+                metrics.BATCH_ROWS.observe(len(batch))
             except BaseException as exc:
                 log.exception("forward pass failed")
                 for row in batch:

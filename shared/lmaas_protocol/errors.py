@@ -11,11 +11,13 @@ class ErrorCode(StrEnum):
     FORBIDDEN = "forbidden"  # revoked or expired key
     BUDGET_EXHAUSTED = "budget_exhausted"  # not retryable: the call budget cannot cover the request
     NOT_FOUND = "not_found"
+    CONFLICT = "conflict"  # a request with this Idempotency-Key is still in flight; retry later
     GONE = "gone"  # e.g. an evicted cached-input handle
     PAYLOAD_TOO_LARGE = "payload_too_large"
     RATE_LIMITED = "rate_limited"  # retry after the Retry-After header
     MODEL_NOT_READY = "model_not_ready"  # still loading; retryable
     INTERNAL_ERROR = "internal_error"  # nothing was charged
+    TIMEOUT = "timeout"  # the request ran past the server's request timeout; nothing was charged
 
 
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -24,9 +26,11 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.BUDGET_EXHAUSTED: 402,
     ErrorCode.NOT_FOUND: 404,
+    ErrorCode.CONFLICT: 409,
     ErrorCode.GONE: 410,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.MODEL_NOT_READY: 503,
     ErrorCode.INTERNAL_ERROR: 500,
+    ErrorCode.TIMEOUT: 504,
 }

@@ -23,12 +23,20 @@ STARTUP_TIMEOUT_S = 300  # the first start de-quantises the GGUF file (~20 s) an
 
 
 @pytest.fixture(scope="module")
-def default_server():
+def database(tmp_path_factory) -> dict[str, str]:
+    """A fresh metering database and one key with a budget of 1000 calls, created with the CLI."""
+    env = {**os.environ, "LMAAS_DATABASE_URL": f"sqlite:///{tmp_path_factory.mktemp('metering')}/lmaas.db"}
+    created = subprocess.run([str(BIN / "lmaas-server"), "keys", "create", "--budget", "1000", "--name", "e2e"],
+                             capture_output=True, text=True, env=env, check=True)  # fmt: skip
+    return {**env, "LMAAS_API_KEY": created.stdout.strip().splitlines()[-1]}
+
+
+@pytest.fixture(scope="module")
+def default_server(database):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
-        [str(BIN / "lmaas-server"), "serve", "--port", str(port), "--budget", "1000", "--log-level", "warning"],
-        cwd=REPO,
+        [str(BIN / "lmaas-server"), "serve", "--port", str(port), "--log-level", "warning"], cwd=REPO, env=database
     )
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     try:
@@ -47,21 +55,26 @@ def default_server():
         process.wait(timeout=30)
 
 
-def lmaas(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LMAAS_NO_PROGRESS": "1"}
+def lmaas(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    env = {**env, "LMAAS_NO_PROGRESS": "1"}
     return subprocess.run([str(BIN / "lmaas"), *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
 
 
-def test_model_info_describes_smollm2(default_server):
-    info = httpx.get(f"{default_server}/v1/model").json()
+def auth(database) -> dict[str, str]:
+    return {"Authorization": f"Bearer {database['LMAAS_API_KEY']}"}
+
+
+def test_model_info_describes_smollm2(default_server, database):
+    assert httpx.get(f"{default_server}/v1/model").status_code == 401  # keys are required
+    info = httpx.get(f"{default_server}/v1/model", headers=auth(database)).json()
     assert info["name"] == "SmolLM2-135M-Instruct"
     assert (info["family"], info["num_layers"], info["hidden_size"], info["vocab_size"]) == ("causal", 30, 576, 49152)
     assert 0.05 < info["embedding_std"] < 0.5
 
 
-def test_tune_sst2_with_bbt_over_http_then_rescore(default_server, tmp_path):
+def test_tune_sst2_with_bbt_over_http_then_rescore(default_server, database, tmp_path):
     out = tmp_path / "run"
-    tuned = lmaas("tune", "--server", default_server, "--task", "sst2", "--method", "bbt", "--budget", "4",
+    tuned = lmaas(database, "tune", "--server", default_server, "--task", "sst2", "--method", "bbt", "--budget", "4",
                   "--seed", "42", "--out", str(out), "--popsize", "2", "--prompt-length", "4",
                   "--intrinsic-dim", "16", "--eval-every", "2", "--test-size", "32")  # fmt: skip
     assert tuned.returncode == 0, tuned.stderr
@@ -76,14 +89,16 @@ def test_tune_sst2_with_bbt_over_http_then_rescore(default_server, tmp_path):
     with np.load(out / "prompt.npz", allow_pickle=False) as saved:
         assert saved["soft_prompt"].shape == (4, 576)
 
-    rescored = lmaas("eval", "--server", default_server, "--prompt", str(out / "prompt.npz"), "--split", "dev")
+    rescored = lmaas(
+        database, "eval", "--server", default_server, "--prompt", str(out / "prompt.npz"), "--split", "dev"
+    )
     assert rescored.returncode == 0, rescored.stderr
     report = json.loads(rescored.stdout)
     assert report["examples"] == 32 and report["calls"] == 1
     assert report["score"] == pytest.approx(result["best_dev_acc"])
 
 
-def test_bad_input_is_rejected_without_charge(default_server):
+def test_bad_input_is_rejected_without_charge(default_server, database):
     nan = base64.b64encode(np.array([np.nan] * 576, dtype="<f4").tobytes()).decode()
     body = {
         "template": "{prompt}Review: {text_a}\nSentiment:{mask}",
@@ -92,9 +107,13 @@ def test_bad_input_is_rejected_without_charge(default_server):
         "candidates": [{"soft_prompt": {"dtype": "float32", "shape": [1, 576], "data": nan}}],
     }
     good = {**body, "candidates": [{}]}
-    before = httpx.post(f"{default_server}/v1/evaluate", json=good, timeout=60).json()["usage"]["budget_remaining"]
-    bad = httpx.post(f"{default_server}/v1/evaluate", json=body, timeout=60)
+    before = httpx.post(f"{default_server}/v1/evaluate", json=good, timeout=60, headers=auth(database)).json()["usage"][
+        "budget_remaining"
+    ]
+    bad = httpx.post(f"{default_server}/v1/evaluate", json=body, timeout=60, headers=auth(database))
     assert bad.status_code == 422
     assert bad.json()["error"]["param"] == "candidates.0.soft_prompt.data"
-    after = httpx.post(f"{default_server}/v1/evaluate", json=good, timeout=60).json()["usage"]["budget_remaining"]
+    after = httpx.post(f"{default_server}/v1/evaluate", json=good, timeout=60, headers=auth(database)).json()["usage"][
+        "budget_remaining"
+    ]
     assert after == before - 1  # only the second good call was charged

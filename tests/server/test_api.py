@@ -158,6 +158,11 @@ def test_openapi_lists_the_endpoints_and_docs_serve_html(engines):
         "/v1/inputs": {"post"},
         "/v1/inputs/{handle}": {"delete"},
         "/v1/layer_std": {"post"},
+        "/v1/usage": {"get"},
+        "/v1/admin/keys": {"get", "post"},
+        "/v1/admin/keys/{prefix}/topup": {"post"},
+        "/v1/admin/keys/{prefix}/revoke": {"post"},
+        "/metrics": {"get"},
     }
     evaluate = schema["paths"]["/v1/evaluate"]["post"]
     body = evaluate["requestBody"]["content"]

@@ -1,15 +1,24 @@
-"""Dependency aliases: routes reach the engine, the budget and the settings only through these."""
+"""Dependency aliases: routes reach the engine, the meter, the caller's key and account only through these."""
 
 from __future__ import annotations
 
+import secrets
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from lmaas_protocol import IDEMPOTENCY_HEADER, ErrorCode
 from lmaas_server.budget import CallBudget
 from lmaas_server.config import Settings
 from lmaas_server.engine import Engine
-from lmaas_server.errors import ModelNotReady
+from lmaas_server.errors import APIError, ModelNotReady
+from lmaas_server.metering.accounts import KeyAccount
+from lmaas_server.metering.meter import Key, Meter
+
+bearer = HTTPBearer(auto_error=False, description="An API key (`lmaas-server keys create`).")
+admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken", description="The server's admin token.")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
 def get_settings(request: Request) -> Settings:
@@ -23,8 +32,44 @@ def get_engine(request: Request) -> Engine:
     return engine
 
 
-def get_budget(request: Request) -> CallBudget:
-    return request.app.state.budget
+def get_meter(request: Request) -> Meter:
+    meter = getattr(request.app.state, "meter", None)
+    if meter is None:
+        raise APIError(ErrorCode.NOT_FOUND, "this server runs without API keys (no metering database)")
+    return meter
+
+
+def get_key(request: Request, credentials: Credentials) -> Key | None:
+    """The caller's key (checked: known, not revoked or expired, within its rate limit); None without keys."""
+    if not request.app.state.settings.require_api_key:
+        return None
+    return get_meter(request).authenticate(credentials.credentials if credentials else None)
+
+
+def get_account(
+    request: Request,
+    key: Annotated[Key | None, Depends(get_key)],
+    idempotency_key: Annotated[
+        str | None,
+        Header(alias=IDEMPOTENCY_HEADER, max_length=128, description="Retries with the same key are charged once."),
+    ] = None,
+) -> KeyAccount | CallBudget:
+    if key is None:
+        return request.app.state.budget
+    route = request.scope.get("route")
+    endpoint = getattr(route, "path", request.url.path)
+    return KeyAccount(get_meter(request), key, endpoint, request.state.request_id, idempotency_key)
+
+
+def require_admin(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(admin_bearer)]
+) -> None:
+    token = request.app.state.settings.admin_token
+    if token is None:
+        raise APIError(ErrorCode.NOT_FOUND, "the admin API is disabled: set LMAAS_ADMIN_TOKEN to enable it")
+    given = credentials.credentials if credentials else ""
+    if not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise APIError(ErrorCode.UNAUTHORIZED, "admin token required", headers={"WWW-Authenticate": "Bearer"})
 
 
 def get_request_id(request: Request) -> str:
@@ -33,5 +78,8 @@ def get_request_id(request: Request) -> str:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
-BudgetDep = Annotated[CallBudget, Depends(get_budget)]
+MeterDep = Annotated[Meter, Depends(get_meter)]
+KeyDep = Annotated[Key | None, Depends(get_key)]
+AccountDep = Annotated[KeyAccount | CallBudget, Depends(get_account)]
+AdminDep = Depends(require_admin)
 RequestIdDep = Annotated[str, Depends(get_request_id)]

@@ -1,11 +1,13 @@
-"""The `/v1` routes: thin wrappers around the engine. Sync handlers run in the threadpool."""
+"""The `/v1` routes: thin wrappers around the engine and the meter. Sync handlers run in the threadpool."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import PlainTextResponse
 
 from lmaas_protocol import (
+    ErrorCode,
     ErrorResponse,
     EvaluateRequest,
     EvaluateResponse,
@@ -17,27 +19,36 @@ from lmaas_protocol import (
     ModelInfo,
     TokenizeRequest,
     TokenizeResponse,
+    UsageResponse,
     __version__,
 )
+from lmaas_server import metrics
 from lmaas_server.api.bodies import body_schema, parse_body
-from lmaas_server.api.deps import BudgetDep, EngineDep, RequestIdDep
+from lmaas_server.api.deps import AccountDep, EngineDep, KeyDep, MeterDep, RequestIdDep
+from lmaas_server.errors import APIError
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 402, 404, 410, 413, 415, 422, 500, 503)}
-router = APIRouter(prefix="/v1", responses=ERRORS)
+STATUSES = (400, 401, 402, 403, 404, 409, 410, 413, 415, 422, 429, 500, 503, 504)
+router = APIRouter(prefix="/v1", responses={status: {"model": ErrorResponse} for status in STATUSES})
+service_router = APIRouter(tags=["service"])
 
 
-@router.get("/health", tags=["service"], summary="Liveness and whether the model is loaded")
+def owner(key) -> str | None:
+    """Registered inputs belong to the key that registered them (shared on a server without keys)."""
+    return key.prefix if key is not None else None
+
+
+@router.get("/health", tags=["service"], summary="Liveness and whether the model is loaded (no key needed)")
 def health(engine: EngineDep) -> HealthResponse:
     return HealthResponse(status="ok", model_loaded=True, model=engine.info.name, version=__version__)
 
 
 @router.get("/model", tags=["model"], summary="The served model: family, sizes, embedding and layer stds, limits")
-def model_info(engine: EngineDep) -> ModelInfo:
+def model_info(engine: EngineDep, key: KeyDep) -> ModelInfo:
     return engine.info
 
 
-@router.post("/tokenize", tags=["model"], summary="Texts to token ids (the client needs no tokenizer)")
-def tokenize(request: TokenizeRequest, engine: EngineDep) -> TokenizeResponse:
+@router.post("/tokenize", tags=["model"], summary="Texts to token ids (the client needs no tokenizer; free)")
+def tokenize(request: TokenizeRequest, engine: EngineDep, key: KeyDep) -> TokenizeResponse:
     return engine.tokenize(request)
 
 
@@ -45,17 +56,17 @@ def tokenize(request: TokenizeRequest, engine: EngineDep) -> TokenizeResponse:
     "/inputs",
     tags=["inputs"],
     status_code=201,
-    summary="Register an example set once; evaluate requests then reference its handle",
+    summary="Register an example set once; evaluate requests then reference its handle (free)",
     openapi_extra=body_schema(InputsSpec),
 )
-async def register_inputs(request: Request, engine: EngineDep) -> InputsResponse:
+async def register_inputs(request: Request, engine: EngineDep, key: KeyDep) -> InputsResponse:
     spec = await parse_body(request, InputsSpec)
-    return await run_in_threadpool(engine.register_inputs, spec)
+    return await run_in_threadpool(engine.register_inputs, spec, owner(key))
 
 
 @router.delete("/inputs/{handle}", tags=["inputs"], status_code=204, summary="Forget a registered example set")
-def delete_inputs(handle: str, engine: EngineDep) -> Response:
-    engine.inputs.delete(handle)
+def delete_inputs(handle: str, engine: EngineDep, key: KeyDep) -> Response:
+    engine.inputs.delete(handle, owner(key))
     return Response(status_code=204)
 
 
@@ -67,17 +78,34 @@ def delete_inputs(handle: str, engine: EngineDep) -> Response:
         "Renders every example through the template, fills the {prompt} slot with each candidate (soft, deep, "
         "discrete, DePT offsets; raw or server-side projected), and returns per candidate the label-word logits "
         "[examples, classes], the mean cross-entropy and the accuracy (with labels). Charges one call per "
-        "candidate. Nothing else leaves the server. JSON or application/x-lmaas-bundle bodies."
+        "candidate. Nothing else leaves the server. JSON or application/x-lmaas-bundle bodies. A retry with the "
+        "same Idempotency-Key returns the first response and is not charged again."
     ),
     openapi_extra=body_schema(EvaluateRequest),
 )
 async def evaluate(
-    request: Request, engine: EngineDep, budget: BudgetDep, request_id: RequestIdDep
+    request: Request, engine: EngineDep, account: AccountDep, request_id: RequestIdDep
 ) -> EvaluateResponse:
+    replayed = await run_in_threadpool(account.replay)
+    if replayed is not None:
+        return Response(replayed, media_type="application/json", headers={"Idempotent-Replayed": "true"})
     body = await parse_body(request, EvaluateRequest)
-    return await run_in_threadpool(engine.evaluate, body, budget, request_id)
+    return await run_in_threadpool(engine.evaluate, body, account, request_id, account.owner)
 
 
 @router.post("/layer_std", tags=["model"], summary="Per-layer hidden-state std on registered inputs (1 call)")
-def layer_std(request: LayerStdRequest, engine: EngineDep, budget: BudgetDep) -> LayerStdResponse:
-    return engine.measure_layer_std(request, budget)
+def layer_std(request: LayerStdRequest, engine: EngineDep, account: AccountDep) -> LayerStdResponse:
+    return engine.measure_layer_std(request, account, account.owner)
+
+
+@router.get("/usage", tags=["metering"], summary="Your key's budget, usage and recent requests")
+def usage(meter: MeterDep, key: KeyDep) -> UsageResponse:
+    if key is None:
+        raise APIError(ErrorCode.NOT_FOUND, "usage is per API key; this server runs without keys")
+    return meter.usage(key)
+
+
+@service_router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+def prometheus_metrics() -> Response:
+    body, content_type = metrics.exposition()
+    return Response(body, media_type=content_type)
