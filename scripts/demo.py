@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -50,8 +51,17 @@ def main() -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "LMAAS_DATABASE_URL": f"sqlite:///{(out / 'metering.db').resolve()}"}
+    print("==> creating an API key with a budget for the run (lmaas-server keys create)", flush=True)
+    created = subprocess.run([str(BIN / "lmaas-server"), "keys", "create", "--budget", str(args.budget + 100),
+                              "--name", "demo"], check=True, capture_output=True, text=True, env=env)  # fmt: skip
+    env["LMAAS_API_KEY"] = created.stdout.strip().splitlines()[-1]
     print(f"==> starting lmaas-server on {url} (default model: SmolLM2-135M-Instruct, offline)", flush=True)
-    server = subprocess.Popen([str(BIN / "lmaas-server"), "serve", "--port", str(port), "--log-level", "warning"])
+    server = subprocess.Popen(
+        [str(BIN / "lmaas-server"), "serve", "--port", str(port), "--log-level", "warning"], env=env
+    )
     try:
         wait_healthy(url, server)
         print(f"==> tuning SST-2 with BBT over HTTP: budget {args.budget} calls, population {args.popsize}, "
@@ -62,7 +72,9 @@ def main() -> None:
             "--popsize", str(args.popsize), "--prompt-length", str(args.prompt_length),
             "--eval-every", str(max(args.popsize, args.budget // 4)),
         ]  # fmt: skip
-        subprocess.run(tune, check=True)
+        subprocess.run(tune, check=True, env=env)
+        usage = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"{url}/v1/usage", headers={"Authorization": f"Bearer {env['LMAAS_API_KEY']}"})).read())  # fmt: skip
     finally:
         server.terminate()
         try:
@@ -76,7 +88,8 @@ def main() -> None:
     print(f"  BBT-tuned prompt:                         {result['test_acc']:.4f}")
     print(f"  calls used for tuning: {result['calls_used']} of {result['budget']} "
           f"(+{result['eval_calls']} for dev selection and test scoring); {result['seconds']:.0f} s")  # fmt: skip
-    print(f"  run folder: {args.out} (result.json, prompt.npz)")
+    print(f"  the server charged the key {usage['used']} calls of its budget of {usage['budget']} (GET /v1/usage)")
+    print(f"  run folder: {args.out} (result.json, prompt.npz, curve.png, checkpoint.pkl, metering.db)")
 
 
 if __name__ == "__main__":

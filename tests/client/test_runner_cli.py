@@ -91,7 +91,7 @@ def test_budget_not_divisible_by_popsize_stops_exactly(live_server):
 
 def test_server_budget_counter_matches_usage(live_server):
     with live_server("llama", budget=200) as server, LMaaSClient(server.url) as client:
-        result, _ = tune(client, budget=4, seed=21, popsize=2)
+        result, _ = tune(client, budget=4, seed=21, popsize=3)
         scorer = TaskScorer(client, get_task("sst2"))
         probe = client.evaluate(EvaluateRequest(template=scorer.template, examples=[Example(text_a="fun")],
                                                 verbalizer=scorer.verbalizer, candidates=[NO_PROMPT.to_wire()]))  # fmt: skip

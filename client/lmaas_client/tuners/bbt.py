@@ -24,7 +24,7 @@ from lmaas_protocol import ModelInfo, ProjectionSpec
 class BBTConfig(TunerConfig):
     intrinsic_dim: int = Field(500, ge=1, le=100_000, description="d, the dimension CMA-ES searches.")
     prompt_length: int = Field(50, ge=1, le=4096, description="P prompt tokens.")
-    popsize: int = Field(20, ge=2, le=1024, description="CMA-ES population: candidates per generation.")
+    popsize: int = Field(20, ge=3, le=1024, description="CMA-ES population: candidates per generation (>= 3).")
     sigma: float = Field(1.0, gt=0, description="CMA-ES initial step size.")
     alpha: float = Field(1.0, gt=0, description="Prompt element std, in units of the embedding std.")
     bound: float | None = Field(None, gt=0, description="Box bound on z (the paper: 5); None = unbounded.")

@@ -30,7 +30,7 @@ from lmaas_protocol import ModelInfo
 class BBTv2Config(TunerConfig):
     intrinsic_dim: int = Field(500, ge=1, le=100_000, description="d per layer.")
     prompt_length: int = Field(50, ge=1, le=4096, description="P prompt tokens (every layer).")
-    popsize: int = Field(20, ge=2, le=1024)
+    popsize: int = Field(20, ge=3, le=1024, description="CMA-ES population (pycma needs >= 3).")
     sigma: float = Field(0.2, gt=0, description="CMA-ES initial step size (BBTv2's README: 0.2).")
     alpha: float = Field(0.2, gt=0, description="Prompt std in units of the layer's hidden-state std (0.2).")
     bound: float | None = Field(None, gt=0)

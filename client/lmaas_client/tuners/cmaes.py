@@ -28,6 +28,9 @@ def strategy(dim: int, sigma: float, popsize: int, seed: int, bound: float | Non
         "verbose": -9,
         "verb_log": 0,  # no outcmaes/ files
         "verb_disp": 0,
+        # No mirrored sampling (pycma's default below popsize 6): it injects directions that a budget ending
+        # mid-generation would leave unused, and BBT's population of 20 never uses it anyway.
+        "CMA_mirrors": 0,
     }
     if bound is not None:
         options["bounds"] = [-bound, bound]

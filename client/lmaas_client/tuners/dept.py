@@ -37,7 +37,7 @@ class DePTConfig(TunerConfig):
     offset_b_dim: int = Field(150, ge=1, description="d of B's subspace.")
     lora_alpha: float = Field(8.0, gt=0, description="scale = lora_alpha / sqrt(r) (DePT's default 8).")
     beta: float = Field(0.5, gt=0, description="Offset element std in units of the embedding std.")
-    popsize: int = Field(20, ge=2, le=1024)
+    popsize: int = Field(20, ge=3, le=1024, description="CMA-ES population (pycma needs >= 3).")
     sigma: float = Field(1.0, gt=0)
     alpha: float = Field(1.0, gt=0, description="Prompt element std in units of the embedding std (as BBT).")
     bound: float | None = Field(None, gt=0)
