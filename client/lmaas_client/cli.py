@@ -13,13 +13,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lmaas_client.client import DEFAULT_BASE_URL, LMaaSClient
-from lmaas_client.data import load_split, resolve_data_dir, stratified_subsample
+from lmaas_client.data import load_split, load_test
 from lmaas_client.errors import BudgetExhaustedError, LMaaSError
 from lmaas_client.evaluation import TaskScorer
 from lmaas_client.prompt_io import load_prompt
 from lmaas_client.runner import Progress as RunProgress
 from lmaas_client.runner import RunConfig, read_run_config, run_tuning, write_run_config
-from lmaas_client.tasks import TASKS, TaskError, get_task
+from lmaas_client.task_files import is_task_file, resolve_task, save_task_file, user_task
+from lmaas_client.tasks import TASKS, TaskError
 from lmaas_client.tuners import TUNERS, make_tuner
 
 app = typer.Typer(help="lmaas client: black-box prompt tuning over HTTP.", no_args_is_help=True)
@@ -28,7 +29,11 @@ console = Console(stderr=True)
 Server = Annotated[str, typer.Option(envvar="LMAAS_SERVER", help="Server base URL.")]
 ApiKey = Annotated[Optional[str], typer.Option(envvar="LMAAS_API_KEY", help="API key (Bearer).", show_default=False)]
 Seed = Annotated[int, typer.Option(help="Few-shot split (16-<seed>) and tuner seed: 13, 21, 42, 87 or 100.")]
-TestSize = Annotated[Optional[int], typer.Option(min=1, help="Stratified, seeded test subsample size [default: full].")]
+TestSize = Annotated[
+    Optional[str],
+    typer.Option(help="Test examples: N (stratified, fixed seed) or 'full' [default: the task's quick size, 1000 for "
+                 "AG News and SNLI, else full]."),
+]  # fmt: skip
 DataDir = Annotated[
     Optional[Path], typer.Option(help="Folder with the task data [default: ./data or $LMAAS_DATA_DIR].")
 ]
@@ -45,10 +50,12 @@ def info(server: Server = DEFAULT_BASE_URL, api_key: ApiKey = None) -> None:
 
 @app.command()
 def tune(
-    out: Annotated[Path, typer.Option(help="Run folder: run.json, checkpoint.pkl, result.json, prompt.npz, curve.png.")],
+    out: Annotated[
+        Path, typer.Option(help="Run folder: run.json, checkpoint.pkl, result.json, prompt.npz, curve.png.")
+    ],
     server: Server = DEFAULT_BASE_URL,
     api_key: ApiKey = None,
-    task: Annotated[str, typer.Option(help=f"Task: {', '.join(sorted(TASKS))}.")] = "sst2",
+    task: Annotated[str, typer.Option(help=f"A shipped task ({', '.join(sorted(TASKS))}), a task file (.toml, .json), or your own task's name with --train etc.")] = "sst2",
     method: Annotated[str, typer.Option(help=f"Tuning method: {', '.join(sorted(TUNERS))}.")] = "bbt",
     budget: Annotated[int, typer.Option(min=1, help="Calls on the training set (one per candidate).")] = 8000,
     seed: Seed = 42,
@@ -62,7 +69,23 @@ def tune(
     option: Annotated[
         Optional[list[str]], typer.Option("--option", "-o", help="Method option KEY=VALUE (repeatable).")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint (its own settings).")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its checkpoint (its own settings).")
+    ] = False,
+    train: Annotated[Optional[Path], UserTask("Your own task: training file (CSV, TSV or JSONL).")] = None,
+    dev: Annotated[Optional[Path], UserTask("Your own task: dev file.")] = None,
+    test: Annotated[Optional[Path], UserTask("Your own task: test file.")] = None,
+    text_a: Annotated[str, UserTask("Your own task: column of the (first) text.")] = "text_a",
+    text_b: Annotated[Optional[str], UserTask("Your own task: column of the second text (pairs).")] = None,
+    label_column: Annotated[str, UserTask("Your own task: column of the labels.")] = "label",
+    label_name: Annotated[Optional[list[str]], UserTask("Your own task: class names in order (repeat).")] = None,
+    label_word: Annotated[
+        Optional[list[str]], UserTask("Your own task: label word per class, e.g. ' bad' (repeat).")
+    ] = None,
+    template: Annotated[
+        Optional[str], UserTask("Your own task: template with {text_a} and {mask} ('\\n' = newline).")
+    ] = None,
+    metric: Annotated[str, UserTask("Your own task: accuracy or f1.")] = "accuracy",
 ) -> None:
     """Tune a prompt for a task with a black-box method, under a call budget (resumable)."""
     if resume:
@@ -76,10 +99,13 @@ def tune(
         options.setdefault("seed", seed)
         if placement not in ("prefix", "suffix"):
             raise typer.BadParameter("must be prefix or suffix", param_hint="--placement")
-        config = RunConfig(task, method, budget, seed, placement, eval_every, test_size,  # type: ignore[arg-type]
+        with _errors():
+            task = _task_reference(task, out, train, dev, test, text_a, text_b, label_column, label_name, label_word,
+                                   template, metric)  # fmt: skip
+        config = RunConfig(task, method, budget, seed, placement, eval_every, _test_size(test_size),  # type: ignore[arg-type]
                            str(data_dir) if data_dir else None, options)  # fmt: skip
     with _errors(), LMaaSClient(server, api_key=api_key) as client:
-        spec = get_task(config.task)
+        spec = resolve_task(config.task)
         tuner = make_tuner(config.method, client.model_info(), **config.options)
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -94,7 +120,7 @@ def tune(
         )
         raise typer.Exit(EXIT_BUDGET)
     console.print(
-        f"[bold]{config.task}/{config.method}[/] seed {config.seed}: manual prompt {result.manual_prompt_test_acc:.4f} "
+        f"[bold]{spec.name}/{config.method}[/] seed {config.seed}: manual prompt {result.manual_prompt_test_acc:.4f} "
         f"-> tuned {result.test_acc:.4f} test {result.metric} (best dev {_fmt(result.best_dev_acc)}); calls used "
         f"{result.calls_used}/{config.budget} (+{result.eval_calls} for dev/test); {result.seconds:.0f} s; wrote {out}"
     )
@@ -120,16 +146,52 @@ def evaluate(
         raise typer.BadParameter("must be train, dev or test", param_hint="--split")
     with _errors(), LMaaSClient(server, api_key=api_key) as client:
         candidate, meta = load_prompt(prompt)
-        spec = get_task(task or meta["task"])
+        spec = resolve_task(task or meta["task"])
         split_seed = seed if seed is not None else meta.get("seed", 42)
-        examples = load_split(spec, split, split_seed, resolve_data_dir(data_dir))  # type: ignore[arg-type]
         if split == "test":
-            examples = stratified_subsample(examples, test_size, split_seed)
+            examples = load_test(spec, _test_size(test_size), data_dir)
+        else:
+            examples = load_split(spec, split, split_seed, data_dir)  # type: ignore[arg-type]
         scorer = TaskScorer(client, spec, meta.get("placement", "prefix"))
         scores = scorer.score(examples, [candidate])[0]
     report = {"task": spec.name, "split": split, "seed": split_seed, "examples": len(examples),
               "metric": spec.metric, "score": scores.metric, "loss": scores.loss, "calls": scorer.calls}  # fmt: skip
     typer.echo(json.dumps(report, indent=2))
+
+
+def UserTask(help: str):
+    return typer.Option(help=help, rich_help_panel="Your own task (instead of a shipped one or a task file)")
+
+
+def _task_reference(task: str, out: Path, train, dev, test, text_a, text_b, label_column, label_names, label_words,
+                    template, metric) -> str:  # fmt: skip
+    """A shipped task's name or a task file's absolute path; a task given by flags is saved as out/task.json."""
+    if train is None:
+        if any(v is not None for v in (dev, test, label_names, label_words, template)):
+            raise TaskError(
+                "your own task needs --train, --dev and --test (and --label-name, --label-word, --template)"
+            )
+        if is_task_file(task):
+            return str(Path(task).resolve())
+        resolve_task(task)  # an unknown name fails here, before any call
+        return task
+    missing = [flag for flag, value in (("--dev", dev), ("--test", test), ("--label-name", label_names),
+                                        ("--label-word", label_words), ("--template", template)) if not value]  # fmt: skip
+    if missing:
+        raise TaskError(f"your own task also needs {', '.join(missing)}")
+    spec = user_task(task, train=train, dev=dev, test=test, label_names=label_names, label_words=label_words,
+                     templates=template.replace("\\n", "\n"), text_a=text_a, text_b=text_b, label=label_column,
+                     metric=metric, base_dir=Path.cwd(), source="flags")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    return str(save_task_file(spec, out / "task.json").resolve())
+
+
+def _test_size(value: str | None) -> int | str | None:
+    if value is None or value == "full":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise typer.BadParameter(f"must be a positive number or 'full', got {value!r}", param_hint="--test-size")
+    return int(value)
 
 
 def _parse_options(pairs: list[str]) -> dict[str, Any]:

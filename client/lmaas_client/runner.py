@@ -19,7 +19,7 @@ from typing import Any
 
 from lmaas_client.client import LMaaSClient
 from lmaas_client.context import TuneContext
-from lmaas_client.data import load_split, resolve_data_dir, stratified_subsample
+from lmaas_client.data import TestSize, load_task_data
 from lmaas_client.errors import BudgetExhaustedError
 from lmaas_client.evaluation import NO_PROMPT, TaskScorer
 from lmaas_client.plots import plot_curve
@@ -39,7 +39,7 @@ class RunConfig:
     seed: int
     placement: Placement = "prefix"
     eval_every: int = 100  # calls between dev evaluations of the best-so-far prompt (BBT: 100)
-    test_size: int | None = None  # stratified, seeded test subsample; None = the full test set
+    test_size: TestSize = None  # None: the task's quick subsample (full for small sets); "full"; or N examples
     data_dir: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -70,6 +70,7 @@ class RunResult:
     best_dev_acc: float | None
     test_acc: float | None
     test_size: int
+    test_full_size: int
     seconds: float
     best_train_loss: float
     status: str  # "completed" or "budget_exhausted" (the checkpoint is kept; resume after a top-up)
@@ -106,10 +107,8 @@ def run_tuning(
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     scorer = TaskScorer(client, task, config.placement)
-    data_dir = resolve_data_dir(config.data_dir)
-    train = load_split(task, "train", config.seed, data_dir)
-    dev = load_split(task, "dev", config.seed, data_dir)
-    test = stratified_subsample(load_split(task, "test", config.seed, data_dir), config.test_size, config.seed)
+    data = load_task_data(task, config.seed, config.data_dir, config.test_size)
+    train, dev, test = data.train, data.dev, data.test
     state = RunState()
     selection = DevSelection(scorer, dev, config.eval_every)
     if resume:
@@ -133,16 +132,22 @@ def run_tuning(
         status, test_score = "budget_exhausted", None
         chosen = (selection.best or tuner.best or NO_PROMPT).materialized()
     state.seconds += time.perf_counter() - start
-    result = _result(config, task, scorer, tuner, selection, state, test_score, len(test), status)
+    result = _result(
+        config, task, scorer, tuner, selection, state, test_score, (len(test), data.test_full_size), status
+    )
     if out_dir is not None:
-        meta = {"task": task.name, "template": scorer.template, "model": scorer.info.name, "family": scorer.info.family,
+        meta = {"task": config.task, "template": scorer.template, "model": scorer.info.name, "family": scorer.info.family,
                 "placement": config.placement, "method": config.method, "seed": config.seed}  # fmt: skip
         save_prompt(out_dir / "prompt.npz", chosen, meta)
-        plot_curve(result.curve, out_dir / "curve.png", f"{task.name} / {config.method} / seed {config.seed}", task.metric)
+        plot_curve(
+            result.curve, out_dir / "curve.png", f"{task.name} / {config.method} / seed {config.seed}", task.metric
+        )
     return result
 
 
-def search(scorer, tuner: Tuner, train, selection, state: RunState, config: RunConfig, out_dir, progress, start) -> None:
+def search(
+    scorer, tuner: Tuner, train, selection, state: RunState, config: RunConfig, out_dir, progress, start
+) -> None:
     """ask -> score on train (one call per candidate) -> tell, until the budget is spent."""
     per_candidate = scorer.calls_per_candidate(len(train))  # > 1 only if train exceeds the server's max_examples
     while tuner.black_box and state.calls + per_candidate <= config.budget:
@@ -159,7 +164,9 @@ def search(scorer, tuner: Tuner, train, selection, state: RunState, config: RunC
         before = scorer.calls
         selection.maybe_evaluate(tuner.best, state.calls, final=state.calls + per_candidate > config.budget)
         state.eval_calls += scorer.calls - before
-        state.curve.append({"calls": state.calls, "best_train_loss": tuner.best_loss, "dev_score": selection.best_score})
+        state.curve.append(
+            {"calls": state.calls, "best_train_loss": tuner.best_loss, "dev_score": selection.best_score}
+        )
         if out_dir is not None:
             save_checkpoint(out_dir, tuner, selection, state, start)
         progress()
@@ -174,7 +181,7 @@ def _counted(scorer: TaskScorer, state: RunState, fn: Callable[[], Any]) -> Any:
         state.eval_calls += scorer.calls - before
 
 
-def _result(config, task, scorer, tuner, selection, state, test_score, test_size, status) -> RunResult:
+def _result(config, task, scorer, tuner, selection, state, test_score, test_sizes, status) -> RunResult:
     info = scorer.info
     return RunResult(
         method=config.method,
@@ -190,7 +197,8 @@ def _result(config, task, scorer, tuner, selection, state, test_score, test_size
         manual_prompt_test_acc=state.manual_test if state.manual_test is not None else float("nan"),
         best_dev_acc=selection.best_score,
         test_acc=test_score,
-        test_size=test_size,
+        test_size=test_sizes[0],
+        test_full_size=test_sizes[1],
         seconds=round(state.seconds, 2),
         best_train_loss=tuner.best_loss,
         status=status,

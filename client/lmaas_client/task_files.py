@@ -1,0 +1,751 @@
+"""User-defined tasks: your own CSV, TSV or JSONL files, with a template and label words.
+
+Two ways in, one result (a `TaskSpec` whose `loader` reads the files, so `data.load_split`,
+`data.load_test` and `data.load_task_data` treat it like a shipped task):
+
+- `user_task(...)`: everything as arguments (what the CLI's flags map to);
+- `load_task_file(path)`: a small TOML (stdlib `tomllib`) or JSON task file; paths in it are relative to
+  the task file. `resolve_task(value)` takes a shipped task's name or a task file's path.
+
+Every file is read and checked when the task is built, before any call is spent: errors name the file and
+line (missing columns with the available ones, unknown labels with the allowed ones, empty texts,
+malformed rows, classes without a training example, bad templates).
+
+A task file (TOML; JSON has the same structure)::
+
+    name = "yelp"                       # letters, digits, - _ . (not a shipped task's name)
+    description = "Yelp polarity"       # optional
+    metric = "accuracy"                 # or "f1" (2 classes: F1 of the second class, id 1)
+    label_names = ["negative", "positive"]     # the classes, in order (class id = position)
+    label_values = ["1", "2"]           # optional: what the label column holds per class, in order
+    quick_test_size = 1000              # optional: default test subsample (stratified, fixed seed)
+    seeds = [13, 21, 42, 87, 100]       # only when train/dev paths contain {seed}
+
+    [files]
+    train = "data/16-{seed}/train.csv"  # {seed}: one few-shot split per seed; else one fixed split
+    dev = "data/16-{seed}/dev.csv"
+    test = "data/test.csv"              # one test set for all seeds (no {seed})
+    format = "csv"                      # optional: csv, tsv or jsonl; default from each extension
+    header = true                       # csv/tsv: false = no header row, columns are 0-based indices
+
+    [columns]
+    text_a = "text"                     # the text (or first sentence of a pair)
+    text_b = "hypothesis"               # optional: second sentence of a pair
+    label = "label"
+
+    label_words = [" bad", " great"]    # one list for both families, or a table:
+    # [label_words]  masked = [" bad", " great"]  causal = [" negative", " positive"]
+
+    [templates]                         # one string for all families, or one per family, or per placement:
+    masked = "{prompt} . {text_a} . It was {mask} ."
+    causal = "Review: {text_a}\\nSentiment:{mask}"
+    # [templates.causal]  prefix = "{prompt}Review: ..."  suffix = "Review: {text_a}\\n{prompt}Sentiment:{mask}"
+
+Labels: the label column holds, per row, a class name from `label_names` or a class id 0..n-1 (an integer,
+or its digits in CSV/TSV); names win when a name is itself digits. With `label_values` it must hold one
+of those values instead (e.g. Yelp's original CSV: "1" = negative, "2" = positive).
+
+Templates and {prompt}: a template written with {prompt} is used as written, for the placement it fits
+("suffix" when {prompt} follows every text slot, else "prefix"). A template written without {prompt} gets
+both placements: prefix puts {prompt} at the very start; suffix puts it right after the last line break
+that follows the last text slot (the start of the answer-cue line, e.g. ``Review: {text_a}\\n{prompt}
+Sentiment:{mask}``), or right after the last text slot when no line break follows it. One template for all
+families is used for causal LMs only when it ends with {mask}. Label words should carry their leading
+space (" great"); the verbalizer uses each word's first sub-token.
+
+CSV is read with Python's csv module (RFC 4180 quoting, UTF-8, an optional BOM); TSV is split on tabs with
+no quoting (as GLUE's files), so fields cannot hold tabs or line breaks; JSONL is one JSON object per line.
+Texts are trimmed at both ends; blank lines are skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import string
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lmaas_client.tasks import (
+    FAMILIES,
+    METRICS,
+    PLACEMENTS,
+    TASKS,
+    Family,
+    Placement,
+    Split,
+    TaskError,
+    TaskSpec,
+    get_task,
+    prompt_follows_text,
+    template_problem,
+)
+from lmaas_protocol import Example, parse_template
+from lmaas_protocol.schemas import MAX_CLASSES, MAX_TEXT_CHARS
+from lmaas_protocol.templates import TEXT_SLOTS, mask_ends_template
+
+FORMATS = ("csv", "tsv", "jsonl")
+EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+TASK_FILE_SUFFIXES = (".toml", ".json")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+SPLITS: tuple[Split, ...] = ("train", "dev", "test")
+
+TemplatesArg = str | Mapping[str, str | Mapping[str, str]]
+LabelWordsArg = Sequence[str] | Mapping[str, Sequence[str]]
+Column = str | int
+
+
+# ----------------------------------------------------------------------------------------- building a task
+
+
+class SettingError(TaskError):
+    """A bad setting (not a bad data file): `key` names it, so a task file's error can point at its line."""
+
+    def __init__(self, where: str, key: str, detail: str):
+        super().__init__(f"{where}: {detail}")
+        self.key = key
+        self.detail = detail
+
+
+def user_task(
+    name: str,
+    *,
+    train: str | Path,
+    dev: str | Path,
+    test: str | Path,
+    label_names: Sequence[str],
+    templates: TemplatesArg,
+    label_words: LabelWordsArg,
+    text_a: Column = "text_a",
+    text_b: Column | None = None,
+    label: Column = "label",
+    label_values: Sequence[str] | None = None,
+    format: str | None = None,
+    header: bool = True,
+    metric: str = "accuracy",
+    description: str = "",
+    quick_test_size: int | None = None,
+    seeds: Sequence[int] | None = None,
+    base_dir: str | Path | None = None,
+    source: str | None = None,
+) -> TaskSpec:
+    """A user task from files and settings given directly (the CLI's flags). Reads and checks every file.
+
+    Paths are relative to `base_dir` (default: the working directory); train/dev paths may contain
+    ``{seed}`` (then `seeds` lists the splits). `source` (e.g. the task file) prefixes setting errors and is
+    kept on the TaskSpec. See the module docstring for labels and templates.
+    """
+    where = source or f"task {name!r}"
+
+    def bad(key: str, detail: str) -> SettingError:
+        return SettingError(where, key, detail)
+
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise bad("name", f"task name {name!r} must be 1-64 letters, digits, '-', '_' or '.'")
+    if name in TASKS:
+        raise bad("name", f"task name {name!r} is a shipped task's; give your task another name")
+    names = _strings(label_names, "label_names", bad)
+    if not 2 <= len(names) <= MAX_CLASSES:
+        raise bad("label_names", f"label_names needs 2 to {MAX_CLASSES} classes, got {len(names)}: {names}")
+    if len(set(names)) != len(names):
+        raise bad("label_names", f"label_names repeat a name: {names}")
+    values = None
+    if label_values is not None:
+        values = _strings(label_values, "label_values", bad)
+        if len(values) != len(names) or len(set(values)) != len(values):
+            raise bad("label_values", f"label_values must give one distinct value per class ({len(names)}, in "
+                                      f"label_names order), got {values}")  # fmt: skip
+    if metric not in METRICS:
+        raise bad("metric", f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    if metric == "f1" and len(names) != 2:
+        raise bad("metric", f"metric f1 needs exactly 2 classes (it is the F1 of the second, {names[-1]!r})")
+    if format is not None and format not in FORMATS:
+        raise bad("files.format", f"unknown format {format!r}; use one of {', '.join(FORMATS)}")
+    if not isinstance(header, bool):
+        raise bad("files.header", f"header must be true or false, got {header!r}")
+    if quick_test_size is not None and not _positive_int(quick_test_size):
+        raise bad("quick_test_size", f"quick_test_size must be a positive integer, got {quick_test_size!r}")
+
+    text_fields = ("text_a",) if text_b is None else ("text_a", "text_b")
+    columns: dict[str, Column] = {"text_a": text_a, "label": label}
+    if text_b is not None:
+        columns["text_b"] = text_b
+    for role, column in columns.items():
+        if header and not (isinstance(column, str) and column.strip()):
+            raise bad(f"columns.{role}", f"column {role} must be a column name, got {column!r}")
+        if not header and not _index(column):
+            raise bad(
+                f"columns.{role}", f"column {role} must be a 0-based column index (header = false), got {column!r}"
+            )
+
+    words = _label_words(label_words, len(names), bad)
+    spec_templates = _templates(templates, words, text_fields, bad)
+
+    paths = {"train": str(train), "dev": str(dev), "test": str(test)}
+    if "{seed}" in paths["test"]:
+        raise bad("files.test", "the test file must not depend on {seed} (one test set for every run)")
+    seeded = "{seed}" in paths["train"] or "{seed}" in paths["dev"]
+    if seeds is not None and (isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence)
+                              or not all(_index(s) for s in seeds)):  # fmt: skip
+        raise bad("seeds", f"seeds must be a list of integers, got {seeds!r}")
+    if seeded and not seeds:
+        raise bad("files", "train/dev paths contain {seed}: list the seeds (e.g. seeds = [13, 21, 42, 87, 100])")
+    if seeds and not seeded:
+        raise bad("seeds", "seeds are given, but the train/dev paths have no {seed} to fill in")
+
+    loader = _FileSplits(
+        base=Path(base_dir) if base_dir is not None else Path.cwd(),
+        paths=paths,
+        format=format,
+        header=header,
+        columns=columns,
+        label_names=names,
+        label_values=values,
+        seeds=tuple(seeds or ()),
+    )
+    loader.check_all()
+    return TaskSpec(
+        name=name,
+        label_names=tuple(names),
+        templates=spec_templates,
+        label_words=words,
+        metric=metric,  # type: ignore[arg-type]
+        text_fields=text_fields,
+        description=description,
+        seeds=tuple(seeds or ()),
+        quick_test_size=quick_test_size,
+        loader=loader,
+        source=source,
+    )
+
+
+TOP_KEYS = {"name", "description", "metric", "label_names", "label_values", "quick_test_size", "seeds", "files",
+            "columns", "label_words", "templates"}  # fmt: skip
+FILE_KEYS = {"train", "dev", "test", "format", "header"}
+COLUMN_KEYS = {"text_a", "text_b", "label"}
+
+
+def load_task_file(path: str | Path) -> TaskSpec:
+    """A user task from a TOML or JSON task file (see the module docstring); files are relative to it."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise TaskError(f"{path}: cannot read the task file ({exc.strerror or exc})") from None
+    text = _decode(raw, path)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TaskError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    elif suffix == ".toml":
+        try:
+            config = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise TaskError(f"{path}: not valid TOML ({exc})") from None
+    else:
+        raise TaskError(f"{path}: a task file ends in .toml or .json")
+    if not isinstance(config, dict):
+        raise TaskError(f"{path}: the task file must hold a table (JSON: an object) of settings")
+
+    def at(key: str) -> str:
+        return f"{path}:{line}" if (line := _key_line(text, key)) else str(path)
+
+    def table(key: str, allowed: set[str]) -> dict[str, Any]:
+        value = config.get(key)
+        if value is None:
+            raise TaskError(f"{path}: missing the [{key}] table (keys: {', '.join(sorted(allowed))})")
+        if not isinstance(value, dict):
+            raise TaskError(f"{at(key)}: '{key}' must be a table (TOML [{key}], JSON object)")
+        _no_unknown(value, allowed, f"[{key}]", lambda name: at(f"{key}.{name}"))
+        return value
+
+    _no_unknown(config, TOP_KEYS, "the task file", at)
+    for key in ("name", "label_names", "label_words", "templates"):
+        if key not in config:
+            raise TaskError(f"{path}: missing '{key}' (required: name, label_names, [files], [columns], "
+                            f"label_words, templates)")  # fmt: skip
+    files = table("files", FILE_KEYS)
+    columns = table("columns", COLUMN_KEYS)
+    for key in ("train", "dev", "test"):
+        if not isinstance(files.get(key), str):
+            raise TaskError(f"{at('files')}: [files] needs '{key}' (a path relative to the task file)")
+    for key in ("text_a", "label"):
+        if key not in columns:
+            raise TaskError(f"{at('columns')}: [columns] needs '{key}'")
+    for key in ("description", "metric"):
+        if key in config and not isinstance(config[key], str):
+            raise TaskError(f"{at(key)}: '{key}' must be a string")
+    try:
+        return user_task(
+            config["name"],
+            train=files["train"],
+            dev=files["dev"],
+            test=files["test"],
+            format=files.get("format"),
+            header=files.get("header", True),
+            text_a=columns["text_a"],
+            text_b=columns.get("text_b"),
+            label=columns["label"],
+            label_names=config["label_names"],
+            label_values=config.get("label_values"),
+            templates=config["templates"],
+            label_words=config["label_words"],
+            metric=config.get("metric", "accuracy"),
+            description=config.get("description", ""),
+            quick_test_size=config.get("quick_test_size"),
+            seeds=config.get("seeds"),
+            base_dir=path.resolve().parent,
+            source=str(path),
+        )
+    except SettingError as exc:
+        raise TaskError(f"{at(exc.key)}: {exc.detail}") from None
+
+
+def task_file_settings(task: TaskSpec) -> dict[str, Any]:
+    """A user task as task-file settings (JSON-able, absolute paths, templates expanded per placement).
+
+    A run can write them next to its results (`save_task_file`) so that a task given by flags can be
+    resumed or re-scored later with `load_task_file`, exactly as it was.
+    """
+    loader = task.loader
+    if not isinstance(loader, _FileSplits):
+        raise TaskError(f"task {task.name} is not a user task read from files")
+    settings: dict[str, Any] = {
+        "name": task.name,
+        "description": task.description,
+        "metric": task.metric,
+        "label_names": list(task.label_names),
+        "files": {split: str(loader.base.resolve() / path) for split, path in loader.paths.items()}
+        | {"header": loader.header}
+        | ({"format": loader.format} if loader.format else {}),
+        "columns": dict(loader.columns),
+        "label_words": {family: list(words) for family, words in task.label_words.items()},
+        "templates": {family: dict(by_placement) for family, by_placement in task.templates.items()},
+    }
+    if loader.label_values is not None:
+        settings["label_values"] = list(loader.label_values)
+    if task.quick_test_size is not None:
+        settings["quick_test_size"] = task.quick_test_size
+    if task.seeds:
+        settings["seeds"] = list(task.seeds)
+    return settings
+
+
+def save_task_file(task: TaskSpec, path: str | Path) -> Path:
+    """Write a user task as a JSON task file (see `task_file_settings`); returns the path."""
+    path = Path(path)
+    path.write_text(json.dumps(task_file_settings(task), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def is_task_file(value: str | Path) -> bool:
+    return Path(value).suffix.lower() in TASK_FILE_SUFFIXES
+
+
+def resolve_task(value: str | Path) -> TaskSpec:
+    """A shipped task by name, or a user task from a task file path (ending in .toml or .json)."""
+    if isinstance(value, str) and value in TASKS:
+        return TASKS[value]
+    if is_task_file(value):
+        if not Path(value).is_file():
+            raise TaskError(f"{value}: no such task file")
+        return load_task_file(value)
+    try:
+        return get_task(str(value))
+    except TaskError as exc:
+        raise TaskError(f"{exc}; or give a task file (.toml or .json)") from None
+
+
+# ----------------------------------------------------------------------------------------- settings
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _strings(values: Any, key: str, bad) -> list[str]:
+    if isinstance(values, str) or not isinstance(values, Sequence) or not all(isinstance(v, str) for v in values):
+        raise bad(key, f"{key} must be a list of strings, got {values!r}")
+    if not all(v.strip() for v in values):
+        raise bad(key, f"{key} must not contain empty strings: {list(values)}")
+    return list(values)
+
+
+def _label_words(label_words: LabelWordsArg, classes: int, bad) -> dict[Family, tuple[str, ...]]:
+    if isinstance(label_words, Mapping):
+        unknown = sorted(set(label_words) - set(FAMILIES))
+        if unknown or not label_words:
+            raise bad("label_words", f"label words are one list, or lists per family (masked, causal); "
+                                     f"unknown family {unknown[0] if unknown else None!r}")  # fmt: skip
+        by_family = {family: label_words[family] for family in FAMILIES if family in label_words}
+    else:
+        by_family = dict.fromkeys(FAMILIES, label_words)
+    words: dict[Family, tuple[str, ...]] = {}
+    for family, values in by_family.items():
+        if isinstance(values, str) or not isinstance(values, Sequence) or not all(isinstance(w, str) for w in values):
+            raise bad(f"label_words.{family}", f"{family} label words must be a list of strings, got {values!r}")
+        if len(values) != classes:
+            raise bad(f"label_words.{family}", f"{len(values)} {family} label words {list(values)} for {classes} classes "
+                                     f"(one word per class, in the order of the label names)")  # fmt: skip
+        if not all(w.strip() for w in values) or len(set(values)) != len(values):
+            raise bad(f"label_words.{family}", f"{family} label words must be distinct and non-empty: {list(values)}")
+        words[family] = tuple(values)
+    return words
+
+
+def _templates(
+    templates: TemplatesArg, words: dict[Family, tuple[str, ...]], text_fields: tuple[str, ...], bad
+) -> dict[Family, dict[Placement, str]]:
+    """Normalize the three accepted forms into templates[family][placement], checking each."""
+
+    def check(template: Any, key: str, family: str | None = None, placement: str | None = None) -> str:
+        label = " ".join(p for p in (family, placement) if p) + " " if family else ""
+        if not isinstance(template, str):
+            raise bad(key, f"{label}template must be a string, got {template!r}")
+        if problem := template_problem(template, text_fields, family, placement):
+            raise bad(key, f"{label}template {template!r}: {problem}")
+        return template
+
+    given: dict[str, Any]
+    if isinstance(templates, str):
+        check(templates, "templates")
+        ends = mask_ends_template(parse_template(templates))
+        given = {family: templates for family in words if family != "causal" or ends}
+        if not given:
+            raise bad("templates", f"template {templates!r}: causal LMs need {{mask}} at its end; give a causal "
+                                   f"template or masked label words")  # fmt: skip
+    elif isinstance(templates, Mapping) and templates:
+        unknown = sorted(set(templates) - set(FAMILIES))
+        if unknown:
+            raise bad("templates", f"templates are one string, or one per family (masked, causal); unknown "
+                                   f"family {unknown[0]!r}")  # fmt: skip
+        given = dict(templates)
+    else:
+        raise bad("templates", f"templates must be a string or a table per family, got {templates!r}")
+
+    out: dict[Family, dict[Placement, str]] = {}
+    for family, value in given.items():
+        key = f"templates.{family}"
+        if family not in words:
+            raise bad(key, f"a {family} template, but no {family} label words")
+        if isinstance(value, Mapping):
+            if not value or not set(value) <= set(PLACEMENTS):
+                raise bad(key, f"{family} templates are one string or a table with prefix and/or suffix")
+            placed = {}
+            for placement, template in value.items():
+                check(template, f"{key}.{placement}", family)
+                placed[placement] = template if "{prompt}" in template else _placements(template)[placement]
+            keys = {placement: f"{key}.{placement}" for placement in placed}
+        else:
+            placed = _placements(check(value, key, family))
+            keys = dict.fromkeys(placed, key)
+        for placement, template in placed.items():  # the final forms: causal cue, suffix {prompt} after the text
+            check(template, keys[placement], family, placement)
+        out[family] = placed  # type: ignore[index,assignment]
+    return out
+
+
+def _placements(template: str) -> dict[Placement, str]:
+    """A template written with {prompt} fits one placement; one without it gets prefix and suffix forms."""
+    segments = parse_template(template)
+    if any(s.kind == "slot" and s.value == "prompt" for s in segments):
+        return {"suffix" if prompt_follows_text(segments) else "prefix": template}
+    return {"prefix": "{prompt}" + template, "suffix": insert_suffix_prompt(template)}
+
+
+def insert_suffix_prompt(template: str) -> str:
+    """Insert {prompt} after the last line break that follows the last text slot, else right after that slot.
+
+    "Review: {text_a}\\nSentiment:{mask}" -> "Review: {text_a}\\n{prompt}Sentiment:{mask}";
+    "{text_a} . It was {mask} ." -> "{text_a}{prompt} . It was {mask} .".
+    """
+    parts: list[tuple[str, str | None]] = []
+    pending = ""  # the parser cuts literals at escaped braces: glue them back to their slot
+    for literal, name, _, _ in string.Formatter().parse(template):
+        pending += literal
+        if name is not None:
+            parts.append((pending, name))
+            pending = ""
+    if pending:
+        parts.append((pending, None))
+    last_text = max(i for i, (_, name) in enumerate(parts) if name in TEXT_SLOTS)
+    head, rest = parts[: last_text + 1], parts[last_text + 1 :]
+    literal = rest[0][0] if rest else ""
+    cut = literal.rfind("\n") + 1  # 0 when no line break follows the text
+    tail = [(literal[cut:], rest[0][1]), *rest[1:]] if rest else []
+    return _join(head) + _escape(literal[:cut]) + "{prompt}" + _join(tail)
+
+
+def _join(parts: list[tuple[str, str | None]]) -> str:
+    return "".join(_escape(literal) + ("{" + name + "}" if name is not None else "") for literal, name in parts)
+
+
+def _escape(literal: str) -> str:
+    return literal.replace("{", "{{").replace("}", "}}")
+
+
+def _no_unknown(mapping: dict[str, Any], allowed: set[str], scope: str, at) -> None:
+    for key in mapping:
+        if key not in allowed:
+            raise TaskError(f"{at(key)}: unknown key '{key}' in {scope}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _key_line(text: str, key: str) -> int | None:
+    """The line where a setting is given, best effort: `key` is a dotted path ("templates.causal.suffix"),
+    found as TOML `name =` lines or `[table]` headers, or JSON `"name":`; the deepest part found wins."""
+    parts = key.split(".")
+    start, end, found = 0, len(text), None
+    for depth, part in enumerate(parts):
+        name, table = re.escape(part), re.escape(".".join(parts[: depth + 1]))
+        pattern = re.compile(rf'^[ \t]*(?:\[{table}\][ \t]*$|{name}[ \t]*=)|"{name}"\s*:', re.M)
+        match = pattern.search(text, start, end)
+        if match is None:
+            break
+        found, start = match, match.end()
+        if match.group(0).lstrip().startswith("["):  # a TOML table runs to the next header outside it
+            following = re.compile(rf"^[ \t]*\[(?!{table}[.\]])", re.M).search(text, start)
+            end = following.start() if following else len(text)
+        elif match.group(0).endswith(":") and text[start:].lstrip().startswith("{"):  # a JSON object
+            start = text.index("{", start)
+            end = _closing_brace(text, start)
+        else:  # a value, not a table: nothing deeper to find
+            break
+    return text.count("\n", 0, found.start()) + 1 if found else None
+
+
+def _closing_brace(text: str, opening: int) -> int:
+    depth, index, in_string = 0, opening, False
+    while index < len(text):
+        char = text[index]
+        if in_string:
+            if char == "\\":
+                index += 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return index
+        index += 1
+    return len(text)
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise TaskError(f"{path}:{line}: not UTF-8 text ({exc.reason})") from None
+
+
+# ----------------------------------------------------------------------------------------- reading files
+
+
+class _FileSplits:
+    """The loader of a user task: reads, checks and caches its files; called as loader(split, seed)."""
+
+    def __init__(self, *, base: Path, paths: dict[str, str], format: str | None, header: bool,
+                 columns: dict[str, Column], label_names: list[str], label_values: list[str] | None,
+                 seeds: tuple[int, ...]):  # fmt: skip
+        self.base = base
+        self.paths = paths
+        self.format = format
+        self.header = header
+        self.columns = columns
+        self.label_names = label_names
+        self.label_values = label_values
+        self.seeds = seeds
+        self._cache: dict[Path, list[Example]] = {}
+
+    def __call__(self, split: Split, seed: int) -> list[Example]:
+        return list(self._read(self.path(split, seed), split))
+
+    def path(self, split: Split, seed: int) -> Path:
+        template = self.paths[split]
+        if "{seed}" in template:
+            if seed not in self.seeds:
+                raise TaskError(f"seed {seed} has no split in {template}; available seeds: {list(self.seeds)}")
+            template = template.replace("{seed}", str(seed))
+        return self.base / template
+
+    def check_all(self) -> None:
+        for seed in self.seeds or (0,):
+            for split in SPLITS:
+                self._read(self.path(split, seed), split)
+
+    def _read(self, path: Path, split: Split) -> list[Example]:
+        if path not in self._cache:
+            examples = read_examples(path, self.format, self.header, self.columns, self.label_names,
+                                     self.label_values, split)  # fmt: skip
+            if split == "train":
+                present = {e.label for e in examples}
+                empty = [name for i, name in enumerate(self.label_names) if i not in present]
+                if empty:
+                    raise TaskError(f"{path}: no training example of class {empty[0]!r} (classes without "
+                                    f"examples: {', '.join(empty)}); every class needs at least one")  # fmt: skip
+            self._cache[path] = examples
+        return self._cache[path]
+
+
+def file_format(path: Path, format: str | None) -> str:
+    if format is not None:
+        return format
+    try:
+        return EXTENSIONS[path.suffix.lower()]
+    except KeyError:
+        raise TaskError(f"{path}: cannot tell the format from the extension {path.suffix!r}; name it "
+                        f"(format = csv, tsv or jsonl)") from None  # fmt: skip
+
+
+def read_examples(
+    path: str | Path,
+    format: str | None,
+    header: bool,
+    columns: Mapping[str, Column],
+    label_names: Sequence[str],
+    label_values: Sequence[str] | None = None,
+    split: str = "",
+) -> list[Example]:
+    """Examples from one CSV/TSV/JSONL file; `columns` maps text_a/text_b/label to column names (or indices)."""
+    path = Path(path)
+    fmt = file_format(path, format)
+    what = f"{split} file" if split else "file"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise TaskError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise TaskError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    text = _decode(raw, path)
+    labels = _LabelReader(label_names, label_values, columns["label"])
+    rows = _jsonl_rows(text, path) if fmt == "jsonl" else _delimited_rows(text, path, fmt, header, columns)
+    examples = []
+    for line, row in rows:
+        where = f"{path}:{line}"
+        fields: dict[str, Any] = {}
+        for role in ("text_a", "text_b"):
+            if role in columns:
+                fields[role] = _text(row, columns[role], role, where, fmt)
+        fields["label"] = labels.id(_cell(row, columns["label"], where, fmt), where)
+        examples.append(Example(**fields))
+    if not examples:
+        raise TaskError(f"{path}: the {what} has no examples")
+    return examples
+
+
+def _delimited_rows(text: str, path: Path, fmt: str, header: bool, columns: Mapping[str, Column]):
+    """(line, {column: value}) or (line, [values]) per non-blank row of a CSV/TSV file."""
+    options: dict[str, Any] = {"delimiter": ",", "strict": True} if fmt == "csv" else {
+        "delimiter": "\t", "quoting": csv.QUOTE_NONE}  # fmt: skip
+    reader = csv.reader(io.StringIO(text, newline=""), **options)
+    names: list[str] | None = None
+    previous_end = 0
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            detail = f"{exc}; an unbalanced quote?" if "end of data" in str(exc) else str(exc)
+            raise TaskError(f"{path}:{previous_end + 1}: malformed {fmt.upper()} row ({detail})") from None
+        line, previous_end = previous_end + 1, reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue
+        if header and names is None:
+            names = [cell.strip() for cell in row]
+            for role, column in columns.items():
+                if column not in names:
+                    raise TaskError(f"{path}:{line}: no column {column!r} for {role} in the header; available "
+                                    f"columns: {', '.join(repr(n) for n in names)}")  # fmt: skip
+                if names.count(column) > 1:  # type: ignore[arg-type]
+                    raise TaskError(f"{path}:{line}: the header names column {column!r} twice")
+            continue
+        if names is not None:
+            if len(row) != len(names):
+                raise TaskError(f"{path}:{line}: malformed row: {len(row)} fields, but the header has {len(names)} "
+                                f"({'an unquoted comma or quote?' if fmt == 'csv' else 'a stray tab?'})")  # fmt: skip
+            yield line, dict(zip(names, row, strict=True))
+        else:
+            needed = max(int(c) for c in columns.values())
+            if len(row) <= needed:
+                raise TaskError(f"{path}:{line}: malformed row: {len(row)} fields, but column index {needed} "
+                                f"is used (indices count from 0)")  # fmt: skip
+            yield line, row
+
+
+def _jsonl_rows(text: str, path: Path):
+    for line, content in enumerate(text.split("\n"), 1):
+        if not content.strip():
+            continue
+        try:
+            record = json.loads(content)
+        except json.JSONDecodeError as exc:
+            raise TaskError(f"{path}:{line}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise TaskError(f"{path}:{line}: malformed row: expected a JSON object, got {type(record).__name__}")
+        yield line, record
+
+
+def _cell(row: dict[str, Any] | list[str], column: Column, where: str, fmt: str) -> Any:
+    if isinstance(row, list):
+        return row[int(column)]
+    if column not in row:  # only JSONL rows can lack a key; CSV/TSV headers are checked once
+        available = ", ".join(repr(k) for k in row) or "none"
+        raise TaskError(f"{where}: no column {column!r}; available columns: {available}")
+    return row[column]  # type: ignore[index]
+
+
+def _text(row, column: Column, role: str, where: str, fmt: str) -> str:
+    value = _cell(row, column, where, fmt)
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise TaskError(f"{where}: column {column!r} ({role}) must hold text, got {type(value).__name__} {value!r}")
+    value = value.strip()
+    if not value:
+        raise TaskError(f"{where}: empty text in column {column!r} ({role})")
+    if len(value) > MAX_TEXT_CHARS:
+        raise TaskError(f"{where}: text in column {column!r} is {len(value)} characters; the limit is "
+                        f"{MAX_TEXT_CHARS}")  # fmt: skip
+    return value
+
+
+class _LabelReader:
+    def __init__(self, names: Sequence[str], values: Sequence[str] | None, column: Column):
+        self.column = column
+        self.values = list(values) if values is not None else None
+        self.names = list(names)
+        self.by_name = {name: i for i, name in enumerate(names)}
+
+    def id(self, raw: Any, where: str) -> int:
+        if self.values is not None:
+            text = str(raw).strip() if isinstance(raw, (str, int)) and not isinstance(raw, bool) else None
+            if text in self.values:
+                return self.values.index(text)
+            allowed = ", ".join(repr(v) for v in self.values)
+        else:
+            if isinstance(raw, str):
+                text = raw.strip()
+                if text in self.by_name:
+                    return self.by_name[text]
+                if text.isascii() and text.isdigit() and int(text) < len(self.names):
+                    return int(text)
+            elif isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < len(self.names):
+                return raw
+            names = ", ".join(repr(n) for n in self.names)
+            allowed = f"{names}, or ids 0..{len(self.names) - 1}"
+        raise TaskError(f"{where}: unknown label {raw!r} in column {self.column!r}; allowed: {allowed}")
