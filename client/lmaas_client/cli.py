@@ -55,7 +55,12 @@ def tune(
     ],
     server: Server = DEFAULT_BASE_URL,
     api_key: ApiKey = None,
-    task: Annotated[str, typer.Option(help=f"A shipped task ({', '.join(sorted(TASKS))}), a task file (.toml, .json), or your own task's name with --train etc.")] = "sst2",
+    task: Annotated[
+        str,
+        typer.Option(
+            help=f"A shipped task ({', '.join(sorted(TASKS))}), a task file (.toml, .json), or your own task's name with --train etc."
+        ),
+    ] = "sst2",
     method: Annotated[str, typer.Option(help=f"Tuning method: {', '.join(sorted(TUNERS))}.")] = "bbt",
     budget: Annotated[int, typer.Option(min=1, help="Calls on the training set (one per candidate).")] = 8000,
     seed: Seed = 42,

@@ -86,8 +86,18 @@ class LMaaSClient:
     def tokenize(
         self, texts: Sequence[str], *, add_special_tokens: bool = False, return_tokens: bool = False
     ) -> TokenizeResponse:
-        body = TokenizeRequest(texts=list(texts), add_special_tokens=add_special_tokens, return_tokens=return_tokens)
-        return self._request("POST", "/tokenize", TokenizeResponse, body)
+        texts = list(texts)
+        size = self.model_info().limits.max_examples  # the server's limit of texts per request
+        ids: list[list[int]] = []
+        tokens: list[list[str]] | None = [] if return_tokens else None
+        for start in range(0, max(len(texts), 1), size):
+            body = TokenizeRequest(texts=texts[start : start + size], add_special_tokens=add_special_tokens,
+                                   return_tokens=return_tokens)  # fmt: skip
+            part = self._request("POST", "/tokenize", TokenizeResponse, body)
+            ids += part.ids
+            if tokens is not None:
+                tokens += part.tokens or []
+        return TokenizeResponse(ids=ids, tokens=tokens)
 
     def evaluate(self, request: EvaluateRequest, *, idempotency_key: str | None = None) -> EvaluateResponse:
         """Score the request's candidates; one idempotency key covers all retries of this evaluation."""

@@ -23,7 +23,9 @@ def plot_curve(curve: Sequence[dict], path: Path, title: str, metric: str = "acc
     dev = [(c, p["dev_score"]) for c, p in zip(calls, curve, strict=True) if p.get("dev_score") is not None]
     if dev:
         dev_axis = loss_axis.twinx()
-        dev_axis.step([c for c, _ in dev], [s for _, s in dev], where="post", color="tab:orange", label=f"best dev {metric}")
+        dev_axis.step(
+            [c for c, _ in dev], [s for _, s in dev], where="post", color="tab:orange", label=f"best dev {metric}"
+        )
         dev_axis.set_ylabel(f"best dev {metric}", color="tab:orange")
     loss_axis.set_title(title)
     figure.tight_layout()

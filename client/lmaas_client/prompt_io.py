@@ -21,7 +21,7 @@ DEEP_PREFIX = "deep_prompt_"
 
 def save_prompt(path: Path, prompt: PromptCandidate, meta: dict[str, Any]) -> None:
     prompt = prompt.materialized()
-    arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps({**meta, **prompt.meta}, sort_keys=True))}
+    arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps({**prompt.meta, **meta}, sort_keys=True))}  # run wins
     if prompt.token_ids is not None:
         arrays["prompt_token_ids"] = np.asarray(prompt.token_ids, dtype=np.int64)
     if prompt.soft is not None:

@@ -4,7 +4,14 @@ from lmaas_protocol.base import FieldError, WireModel, error_message, error_para
 from lmaas_protocol.bundle import BUNDLE_MEDIA_TYPE, BundleError, decode_bundle, encode_bundle, parse_bundle
 from lmaas_protocol.candidates import Candidate, LowRankOffset, PromptTensor
 from lmaas_protocol.errors import HTTP_STATUS, ErrorCode
-from lmaas_protocol.metering import KeyCreated, KeyCreateRequest, KeyDescription, LedgerRecord, TopUpRequest, UsageResponse
+from lmaas_protocol.metering import (
+    KeyCreated,
+    KeyCreateRequest,
+    KeyDescription,
+    LedgerRecord,
+    TopUpRequest,
+    UsageResponse,
+)
 from lmaas_protocol.projection import Projected, ProjectionSpec, materialize, project
 from lmaas_protocol.schemas import (
     CandidateResult,

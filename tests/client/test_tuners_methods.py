@@ -19,7 +19,14 @@ HIDDEN = 16
 TINY = {
     "bbt": {"popsize": 3, "prompt_length": 2, "intrinsic_dim": 8},
     "bbtv2": {"popsize": 3, "prompt_length": 2, "intrinsic_dim": 8},
-    "dept": {"popsize": 3, "prompt_length": 2, "prompt_dim": 6, "offset_a_dim": 3, "offset_b_dim": 3, "offset_length": 16},
+    "dept": {
+        "popsize": 3,
+        "prompt_length": 2,
+        "prompt_dim": 6,
+        "offset_a_dim": 3,
+        "offset_b_dim": 3,
+        "offset_length": 16,
+    },
     "manual": {},
     "icl": {},
 }
@@ -129,7 +136,14 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(live_server, method, tmp_p
     with live_server("llama", budget=10_000) as server:
         straight = run(server.url, method, budget=9, out_dir=tmp_path / "straight", placement="suffix")
         with pytest.raises(Crash):
-            run(server.url, method, budget=9, out_dir=tmp_path / "resumed", placement="suffix", on_progress=crash_after(6))
+            run(
+                server.url,
+                method,
+                budget=9,
+                out_dir=tmp_path / "resumed",
+                placement="suffix",
+                on_progress=crash_after(6),
+            )
     # a fresh server process state: the handles, caches and projections are gone
     with live_server("llama", budget=10_000) as server:
         resumed = run(server.url, method, budget=9, out_dir=tmp_path / "resumed", placement="suffix", resume=True)

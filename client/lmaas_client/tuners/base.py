@@ -82,7 +82,9 @@ class PromptCandidate:
         if self.offset is not None:
             offset = LowRankOffset(a=wire(self.offset.a), b=wire(self.offset.b), scale=self.offset.scale)
         deep = [wire(p) for p in self.deep] if self.deep is not None else None
-        return Candidate(prompt_token_ids=self.token_ids, soft_prompt=wire(self.soft), deep_prompt=deep, embedding_offset=offset)
+        return Candidate(
+            prompt_token_ids=self.token_ids, soft_prompt=wire(self.soft), deep_prompt=deep, embedding_offset=offset
+        )
 
     def materialized(self) -> PromptCandidate:
         """The same prompt with every projected tensor computed here (A from the protocol's generator)."""

@@ -46,13 +46,17 @@ class BBTTuner(Tuner):
         super().__init__(config, model)
         self.spec = projection_spec(config.intrinsic_dim, config.sigma, config.alpha, model.embedding_std,
                                     config.prompt_length, model.hidden_size, config.seed)  # fmt: skip
-        self.token_ids = placeholder_tokens(config.init_tokens, config.init_token_offset, config.prompt_length, model.vocab_size)
+        self.token_ids = placeholder_tokens(
+            config.init_tokens, config.init_token_offset, config.prompt_length, model.vocab_size
+        )
         self.es = cmaes.strategy(config.intrinsic_dim, config.sigma, config.popsize, config.seed, config.bound)
         self._pending: list[np.ndarray] | None = None
 
     def prompt(self, z: np.ndarray) -> PromptCandidate:
         z = np.asarray(z, dtype=np.float64)
-        candidate = PromptCandidate(token_ids=self.token_ids, soft=ProjectedZ(z, self.spec), z=z, wire_dtype=self.config.wire_dtype)
+        candidate = PromptCandidate(
+            token_ids=self.token_ids, soft=ProjectedZ(z, self.spec), z=z, wire_dtype=self.config.wire_dtype
+        )
         return candidate if self.config.projection_site == "server" else candidate.materialized()
 
     def ask(self) -> list[PromptCandidate]:

@@ -50,7 +50,9 @@ class BBTv2Tuner(Tuner):
     def __init__(self, config: BBTv2Config, model: ModelInfo):
         super().__init__(config, model)
         self.num_layers = min(config.layers or model.num_layers, model.num_layers)
-        self.token_ids = placeholder_tokens(config.init_tokens, config.init_token_offset, config.prompt_length, model.vocab_size)
+        self.token_ids = placeholder_tokens(
+            config.init_tokens, config.init_token_offset, config.prompt_length, model.vocab_size
+        )
         stds = model.layer_std if len(model.layer_std) >= self.num_layers else [model.embedding_std] * self.num_layers
         self._set_specs(stds)
         self.strategies = [
@@ -64,7 +66,9 @@ class BBTv2Tuner(Tuner):
     def _set_specs(self, stds: Sequence[float]) -> None:
         c = self.config
         self.specs = [
-            projection_spec(c.intrinsic_dim, c.sigma, c.alpha, stds[i], c.prompt_length, self.model.hidden_size, c.seed * 1000 + i)
+            projection_spec(
+                c.intrinsic_dim, c.sigma, c.alpha, stds[i], c.prompt_length, self.model.hidden_size, c.seed * 1000 + i
+            )
             for i in range(self.num_layers)
         ]
 

@@ -97,4 +97,3 @@ class DePTTuner(Tuner):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.es = cmaes.loads(state["es"])
         self._pending = state["pending"]
-
