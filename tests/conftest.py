@@ -18,7 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")
-    return {kind: save_tiny_model(kind, root / kind) for kind in KINDS}
+    dirs = {kind: save_tiny_model(kind, root / kind) for kind in KINDS}
+    # the same tiny llama with a 2,048-token context: in-context demonstrations of 14-class tasks need room
+    dirs["llama-long"] = save_tiny_model("llama", root / "llama-long", llama_positions=2048)
+    return dirs
 
 
 @pytest.fixture(scope="session")

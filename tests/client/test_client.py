@@ -38,6 +38,7 @@ from lmaas_protocol import (
     Tensor,
 )
 from tests.conftest import LiveServer, free_port
+from tests.support.tiny_models import build_tokenizer
 
 CAUSAL_TEMPLATE = "{prompt}Review: {text_a}\nSentiment:{mask}"
 KEY_HEADER = IDEMPOTENCY_HEADER.lower()
@@ -189,7 +190,7 @@ def test_health_model_info_tokenize_and_evaluate(live_server):
         assert health.status == "ok" and health.model_loaded and health.model
 
         info = client.model_info()
-        assert info.family == "causal" and info.hidden_size == 32 and info.vocab_size == 400
+        assert info.family == "causal" and info.hidden_size == 32 and info.vocab_size == len(build_tokenizer("llama"))
         assert info.embedding_std > 0 and info.limits.max_candidates >= 1
         assert client.model_info() is info  # cached
         assert client.model_info(refresh=True) == info

@@ -20,6 +20,7 @@ from lmaas_client.tasks import get_task
 from lmaas_client.tuners import make_tuner
 from lmaas_protocol import EvaluateRequest, Example
 from tests.conftest import REPO, free_port
+from tests.support.tiny_models import build_tokenizer
 
 DATA = str(REPO / "data")
 TINY = {"popsize": 3, "prompt_length": 2, "intrinsic_dim": 8}
@@ -176,7 +177,7 @@ def test_cli_info(live_server):
         from_env = CliRunner().invoke(app, ["info"], env={"LMAAS_SERVER": server.url})
     assert shown.exit_code == 0 and from_env.exit_code == 0, from_env.output
     info = json.loads(shown.stdout)
-    assert info["family"] == "masked" and info["hidden_size"] == 32 and info["vocab_size"] == 46
+    assert info["family"] == "masked" and info["hidden_size"] == 32 and info["vocab_size"] == len(build_tokenizer("bert"))
     assert json.loads(from_env.stdout) == info
 
 

@@ -23,11 +23,14 @@ from transformers import (
     RobertaForMaskedLM,
 )
 
+from lmaas_client.tasks import TASKS
+
 KINDS = ("bert", "roberta", "llama", "gpt2")
 MASKED_KINDS = ("bert", "roberta")
 CAUSAL_KINDS = ("llama", "gpt2")
 HIDDEN = 32
 LAYERS = 2
+BPE_VOCAB = 1000  # room for every shipped label word as one token
 
 CORPUS = [
     "the movie was great and fun to watch",
@@ -39,6 +42,9 @@ CORPUS = [
     "nothing happens , and it happens to flat characters .",
     "as lively an account as seinfeld is deadpan .",
 ] * 4
+# every shipped task's label words, often enough that each is one token: the verbalizer needs distinct first tokens
+LABEL_WORDS = sorted({w.strip() for t in TASKS.values() for words in t.label_words.values() for w in words})
+CORPUS += [" " + " ".join(LABEL_WORDS)] * 8
 
 
 def _bpe(special: list[str], roberta_frame: bool) -> Tokenizer:
@@ -46,7 +52,7 @@ def _bpe(special: list[str], roberta_frame: bool) -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=BPE_VOCAB, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tokenizer.train_from_iterator(CORPUS, trainer)
     if roberta_frame:  # <s> text </s>, like RoBERTa
@@ -67,7 +73,7 @@ def build_tokenizer(kind: str):
     )
 
 
-def build_model(kind: str, vocab_size: int, pad_id: int) -> torch.nn.Module:
+def build_model(kind: str, vocab_size: int, pad_id: int, llama_positions: int = 128) -> torch.nn.Module:
     torch.manual_seed(0)
     common = dict(vocab_size=vocab_size, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2)
     if kind == "bert":
@@ -79,7 +85,7 @@ def build_model(kind: str, vocab_size: int, pad_id: int) -> torch.nn.Module:
         return RobertaForMaskedLM(config)
     if kind == "llama":
         config = LlamaConfig(
-            intermediate_size=64, max_position_embeddings=128, num_key_value_heads=1, pad_token_id=pad_id, **common
+            intermediate_size=64, max_position_embeddings=llama_positions, num_key_value_heads=1, pad_token_id=pad_id, **common
         )
         return LlamaForCausalLM(config)
     if kind == "gpt2":
@@ -90,9 +96,9 @@ def build_model(kind: str, vocab_size: int, pad_id: int) -> torch.nn.Module:
     raise ValueError(kind)
 
 
-def save_tiny_model(kind: str, folder: Path) -> Path:
+def save_tiny_model(kind: str, folder: Path, llama_positions: int = 128) -> Path:
     tokenizer = build_tokenizer(kind)
-    model = build_model(kind, len(tokenizer), tokenizer.pad_token_id)
+    model = build_model(kind, len(tokenizer), tokenizer.pad_token_id, llama_positions)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
