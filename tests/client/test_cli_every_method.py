@@ -17,25 +17,16 @@ SHIPPED = ["sst2", "mrpc", "rte", "snli", "agnews", "dbpedia"]
 CMA = ["-o", "popsize=3", "-o", "prompt_length=2", "-o", "intrinsic_dim=8"]
 
 
+def opts(**options) -> list[str]:
+    return [arg for key, value in options.items() for arg in ("-o", f"{key}={value}")]
+
+
 def method_options(method: str, model_dir: str) -> list[str]:
     """Each method at its smallest sensible size: options as a user passes them (-o KEY=VALUE)."""
     return {
         "bbt": CMA,
         "bbtv2": CMA,
-        "dept": [
-            "-o",
-            "popsize=3",
-            "-o",
-            "prompt_length=2",
-            "-o",
-            "prompt_dim=6",
-            "-o",
-            "offset_a_dim=3",
-            "-o",
-            "offset_b_dim=3",
-            "-o",
-            "offset_length=16",
-        ],  # fmt: skip
+        "dept": opts(popsize=3, prompt_length=2, prompt_dim=6, offset_a_dim=3, offset_b_dim=3, offset_length=16),
         "bdpl": ["-o", "prompt_length=2", "-o", "num_candidates=8", "-o", "num_samples=3"],
         "gdfo": [*CMA, "-o", "student_rank=2", "-o", "distill_batch=8", "-o", f"student={model_dir}"],
         "prompt-tuning": ["-o", "prompt_length=2", "-o", "epochs=1", "-o", f"local_model={model_dir}"],

@@ -177,7 +177,9 @@ def test_cli_info(live_server):
         from_env = CliRunner().invoke(app, ["info"], env={"LMAAS_SERVER": server.url})
     assert shown.exit_code == 0 and from_env.exit_code == 0, from_env.output
     info = json.loads(shown.stdout)
-    assert info["family"] == "masked" and info["hidden_size"] == 32 and info["vocab_size"] == len(build_tokenizer("bert"))
+    assert (
+        info["family"] == "masked" and info["hidden_size"] == 32 and info["vocab_size"] == len(build_tokenizer("bert"))
+    )
     assert json.loads(from_env.stdout) == info
 
 
