@@ -12,11 +12,12 @@ DEMO_PROMPT_LENGTH ?= 10
 DEMO_SEED ?= 42
 DEMO_OUT ?= runs/demo
 
-.PHONY: help install demo test lint clean-venv
+.PHONY: help install demo test lint docker-smoke clean-venv
 
 help:
 	@echo "make demo   set up .venv, start the server on SmolLM2-135M, tune SST-2 with BBT over HTTP"
 	@echo "make test   set up .venv and run the test suite"
+	@echo "make docker-smoke  build the images with podman, run them and the compose stack (not part of test)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+# Deployment check with podman (needs root; installs podman from Debian if missing; several minutes the
+# first time, images are reused afterwards). DOCKER_SMOKE_ARGS=--rebuild builds everything again.
+DOCKER_SMOKE_ARGS ?=
+docker-smoke: install
+	$(PY) scripts/docker_smoke.py $(DOCKER_SMOKE_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
