@@ -6,7 +6,7 @@
 # PyTorch, whose torch the server reuses; any other base (e.g. a plain Debian with python3) gets
 # torch==TORCH_VERSION installed. When docker/wheels/ holds wheels, everything is installed from there
 # alone (--no-index): an offline build. Otherwise pip uses its normal index.
-ARG BASE_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
+ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 
 FROM ${BASE_IMAGE} AS build
 ARG TORCH_VERSION=2.13.0
