@@ -114,8 +114,9 @@ class LMaaSClient:
         self._request("DELETE", f"/inputs/{handle}", None)
 
     def layer_std(self, handle: str) -> LayerStdResponse:
-        """Per-layer hidden-state std on registered inputs (charged as one call)."""
-        return self._request("POST", "/layer_std", LayerStdResponse, LayerStdRequest(inputs=handle))
+        """Per-layer hidden-state std on registered inputs (charged as one call, once across retries)."""
+        body = LayerStdRequest(inputs=handle)
+        return self._request("POST", "/layer_std", LayerStdResponse, body, idempotency_key=uuid.uuid4().hex)
 
     def close(self) -> None:
         self._http.close()

@@ -118,7 +118,7 @@ def _settings(**overrides):
 
 
 def _meter(database_url: str | None):
-    from lmaas_server.main import build_meter
+    from lmaas_server.metering.meter import build_meter
 
     return build_meter(_settings(database_url=database_url))
 

@@ -168,8 +168,16 @@ class Engine:
         reservation = account.reserve(calls, tokens)  # before decoding: projections are work for paying callers
         try:
             prompts = [self.decoder.decode(c, request.projections) for c in request.candidates]
+            for i, prompt in enumerate(prompts):
+                if not prompt.finite():
+                    raise InvalidRequest(
+                        f"candidates.{i}", "the prompt's values overflow to Inf or NaN once projected or multiplied"
+                    )
             use_prefix = self._use_prefix(variant, prompts, reused=request.inputs is not None)
             logits = self.score(prepared, variant, prompts, use_prefix)
+            for i, candidate_logits in enumerate(logits):
+                if not np.isfinite(candidate_logits).all():
+                    raise InvalidRequest(f"candidates.{i}", "the prompt drives the model to Inf or NaN logits")
             results = [self._result(candidate_logits, prepared.labels) for candidate_logits in logits]
             usage = Usage(
                 calls=calls, examples=len(variant.rendered), tokens=tokens, budget_remaining=reservation.remaining

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,21 +16,12 @@ from lmaas_server.api.routes import router, service_router
 from lmaas_server.budget import CallBudget
 from lmaas_server.config import Settings
 from lmaas_server.engine import Engine
-from lmaas_server.metering.db import make_engine, migrate, session_factory
-from lmaas_server.metering.meter import Meter
+from lmaas_server.metering.meter import Meter, build_meter
 from lmaas_server.metrics import MetricsMiddleware
 from lmaas_server.middleware import BodyLimitMiddleware, InternalErrorMiddleware, RequestContextMiddleware
 from lmaas_server.model_loading import load_model
 
 log = logging.getLogger(__name__)
-
-
-def build_meter(settings: Settings) -> Meter:
-    """Open (and migrate) the metering database."""
-    database = make_engine(settings.database_url)
-    migrate(database)
-    replica = settings.replica_id or f"{socket.gethostname()}:{settings.port}"
-    return Meter(session_factory(database), replica, settings.stale_reservation_s)
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None, meter: Meter | None = None) -> FastAPI:

@@ -35,6 +35,11 @@ class RowPrompt:
         """True when the example's tokens change (so their cached keys/values cannot be reused)."""
         return self.offset is not None
 
+    def finite(self) -> bool:
+        """False when projecting or multiplying finite inputs overflowed (e.g. a huge z or scale)."""
+        tensors = [self.soft, self.offset, *self.deep.values()]
+        return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
+
 
 class LRUCache:
     """A thread-safe LRU bounded by the total bytes of its torch tensors."""

@@ -93,8 +93,16 @@ async def evaluate(
     return await run_in_threadpool(engine.evaluate, body, account, request_id, account.owner)
 
 
-@router.post("/layer_std", tags=["model"], summary="Per-layer hidden-state std on registered inputs (1 call)")
+@router.post(
+    "/layer_std",
+    tags=["model"],
+    summary="Per-layer hidden-state std on registered inputs (1 call)",
+    description="A retry with the same Idempotency-Key returns the first response and is not charged again.",
+)
 def layer_std(request: LayerStdRequest, engine: EngineDep, account: AccountDep) -> LayerStdResponse:
+    replayed = account.replay()
+    if replayed is not None:
+        return Response(replayed, media_type="application/json", headers={"Idempotent-Replayed": "true"})
     return engine.measure_layer_std(request, account, account.owner)
 
 

@@ -38,7 +38,7 @@ class KeyAccount:
         return self.key.prefix
 
     def replay(self) -> bytes | None:
-        return self.meter.replay(self.key, self.idempotency_key)
+        return self.meter.replay(self.key, self.idempotency_key, self.endpoint)
 
     def reserve(self, calls: int, tokens: int) -> KeyReservation:
         charge = self.meter.reserve(self.key, calls, tokens, self.endpoint, self.request_id, self.idempotency_key)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -26,14 +27,15 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from lmaas_protocol import ErrorCode, KeyDescription, LedgerRecord, UsageResponse
-from lmaas_server.errors import APIError, BudgetExhausted
+from lmaas_protocol import IDEMPOTENCY_HEADER, ErrorCode, KeyDescription, LedgerRecord, UsageResponse
+from lmaas_server.errors import APIError, BudgetExhausted, InvalidRequest
 from lmaas_server.metering.models import ApiKey, LedgerEntry
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "lmaas_"
 SWEEP_EVERY_S = 60.0
+MAX_COUNTER = 2**63 - 1  # BIGINT: budgets and counters beyond it would fail in the database (500)
 
 
 def hash_key(secret: str) -> str:
@@ -56,6 +58,24 @@ def _aware(moment: datetime | None) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
 
 
+def _utc(moment: datetime | None, param: str) -> datetime | None:
+    """A datetime to store: in UTC (SQLite keeps the wall-clock time and drops the offset, and `_aware` reads
+    it back as UTC), and within the calendar that Python and both databases can read back (years 1-9999)."""
+    if moment is None:
+        return None
+    try:
+        return moment.astimezone(UTC) if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    except OverflowError:
+        raise InvalidRequest(param, "is outside the years 1 to 9999 once converted to UTC") from None
+
+
+def _text(value: str, param: str) -> str:
+    """PostgreSQL text cannot hold NUL characters (SQLite can): refuse them on both."""
+    if "\x00" in value:
+        raise InvalidRequest(param, "must not contain NUL characters")
+    return value
+
+
 @dataclass(frozen=True)
 class Key:
     id: int
@@ -76,6 +96,7 @@ class Meter:
         self, budget: int, name: str = "", token_budget: int | None = None, rate_limit: float | None = None,
         expires_at: datetime | None = None,
     ) -> tuple[str, KeyDescription]:  # fmt: skip
+        name, expires_at = _text(name, "name"), _utc(expires_at, "expires_at")
         secret, prefix = new_key()
         row = ApiKey(prefix=prefix, key_hash=hash_key(secret), name=name, budget=budget, used=0,
                      token_budget=token_budget, tokens_used=0, rate_limit=rate_limit, rate_tokens=0.0,
@@ -91,6 +112,10 @@ class Meter:
     def top_up(self, prefix: str, calls: int = 0, tokens: int = 0) -> KeyDescription:
         with self.sessions.begin() as session:
             row = self._by_prefix(session, prefix)
+            if row.budget + calls > MAX_COUNTER:
+                raise InvalidRequest("calls", f"the budget would exceed {MAX_COUNTER} calls")
+            if tokens and row.token_budget is not None and row.token_budget + tokens > MAX_COUNTER:
+                raise InvalidRequest("tokens", f"the token budget would exceed {MAX_COUNTER} tokens")
             session.execute(update(ApiKey).where(ApiKey.id == row.id).values(budget=ApiKey.budget + calls))
             if tokens and row.token_budget is not None:
                 session.execute(
@@ -107,7 +132,7 @@ class Meter:
 
     @staticmethod
     def _by_prefix(session: Session, prefix: str) -> ApiKey:
-        row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+        row = None if "\x00" in prefix else session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
         if row is None:
             raise APIError(ErrorCode.NOT_FOUND, f"no key with prefix {prefix}", param="prefix")
         return row
@@ -155,7 +180,7 @@ class Meter:
                     return
         raise APIError(ErrorCode.RATE_LIMITED, "rate limit contention; retry", headers={"Retry-After": "0.1"})
 
-    def replay(self, key: Key, idempotency_key: str | None) -> bytes | None:
+    def replay(self, key: Key, idempotency_key: str | None, endpoint: str | None = None) -> bytes | None:
         """The stored response of a settled request with this Idempotency-Key, if any (charged once)."""
         if not idempotency_key:
             return None
@@ -165,13 +190,16 @@ class Meter:
             )
             if entry is None:
                 return None
+            if entry.status == "refunded":
+                entry.idempotency_key = None  # free the key for this retry, keep the row as history
+                return None
+            if endpoint is not None and entry.endpoint != endpoint:  # its response is another endpoint's
+                raise InvalidRequest(f"header.{IDEMPOTENCY_HEADER}",
+                                     f"this Idempotency-Key was already used for {entry.endpoint}")  # fmt: skip
             if entry.status == "settled":
                 return entry.response
-            if entry.status == "reserved":
-                raise APIError(ErrorCode.CONFLICT, "a request with this Idempotency-Key is still in flight; retry",
-                               headers={"Retry-After": "1"})  # fmt: skip
-            entry.idempotency_key = None  # refunded: free the key for this retry, keep the row as history
-        return None
+            raise APIError(ErrorCode.CONFLICT, "a request with this Idempotency-Key is still in flight; retry",
+                           headers={"Retry-After": "1"})  # fmt: skip
 
     def reserve(
         self, key: Key, calls: int, tokens: int, endpoint: str, request_id: str, idempotency_key: str | None
@@ -315,3 +343,14 @@ def describe(row: ApiKey) -> KeyDescription:
                           token_budget=row.token_budget, tokens_used=row.tokens_used, rate_limit=row.rate_limit,
                           expires_at=_aware(row.expires_at), revoked_at=_aware(row.revoked_at),
                           created_at=_aware(row.created_at))  # fmt: skip
+
+
+def build_meter(settings) -> Meter:
+    """Open (and migrate) the metering database of `settings` (a `lmaas_server.config.Settings`). Lives here,
+    not in `main`, so that `lmaas-server keys ...` opens the database without importing torch."""
+    from lmaas_server.metering.db import make_engine, migrate, session_factory
+
+    database = make_engine(settings.database_url)
+    migrate(database)
+    replica = settings.replica_id or f"{socket.gethostname()}:{settings.port}"
+    return Meter(session_factory(database), replica, settings.stale_reservation_s)
