@@ -53,15 +53,11 @@ Sentiment:{mask}``), or right after the last text slot when no line break follow
 families is used for causal LMs only when it ends with {mask}. Label words should carry their leading
 space (" great"); the verbalizer uses each word's first sub-token.
 
-CSV is read with Python's csv module (RFC 4180 quoting, UTF-8, an optional BOM); TSV is split on tabs with
-no quoting (as GLUE's files), so fields cannot hold tabs or line breaks; JSONL is one JSON object per line.
-Texts are trimmed at both ends; blank lines are skipped.
+Reading the example files: `task_readers`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 import string
@@ -70,6 +66,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lmaas_client.task_readers import FORMATS, Column, FileSplits, decode_text
 from lmaas_client.tasks import (
     FAMILIES,
     METRICS,
@@ -77,26 +74,21 @@ from lmaas_client.tasks import (
     TASKS,
     Family,
     Placement,
-    Split,
     TaskError,
     TaskSpec,
     get_task,
     prompt_follows_text,
     template_problem,
 )
-from lmaas_protocol import Example, parse_template
-from lmaas_protocol.schemas import MAX_CLASSES, MAX_TEXT_CHARS
+from lmaas_protocol import parse_template
+from lmaas_protocol.schemas import MAX_CLASSES
 from lmaas_protocol.templates import TEXT_SLOTS, mask_ends_template
 
-FORMATS = ("csv", "tsv", "jsonl")
-EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 TASK_FILE_SUFFIXES = (".toml", ".json")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-SPLITS: tuple[Split, ...] = ("train", "dev", "test")
 
 TemplatesArg = str | Mapping[str, str | Mapping[str, str]]
 LabelWordsArg = Sequence[str] | Mapping[str, Sequence[str]]
-Column = str | int
 
 
 # ----------------------------------------------------------------------------------------- building a task
@@ -197,7 +189,7 @@ def user_task(
     if seeds and not seeded:
         raise bad("seeds", "seeds are given, but the train/dev paths have no {seed} to fill in")
 
-    loader = _FileSplits(
+    loader = FileSplits(
         base=Path(base_dir) if base_dir is not None else Path.cwd(),
         paths=paths,
         format=format,
@@ -236,7 +228,7 @@ def load_task_file(path: str | Path) -> TaskSpec:
         raw = path.read_bytes()
     except OSError as exc:
         raise TaskError(f"{path}: cannot read the task file ({exc.strerror or exc})") from None
-    text = _decode(raw, path)
+    text = decode_text(raw, path)
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:
@@ -314,7 +306,7 @@ def task_file_settings(task: TaskSpec) -> dict[str, Any]:
     resumed or re-scored later with `load_task_file`, exactly as it was.
     """
     loader = task.loader
-    if not isinstance(loader, _FileSplits):
+    if not isinstance(loader, FileSplits):
         raise TaskError(f"task {task.name} is not a user task read from files")
     settings: dict[str, Any] = {
         "name": task.name,
@@ -542,210 +534,3 @@ def _closing_brace(text: str, opening: int) -> int:
                 return index
         index += 1
     return len(text)
-
-
-def _decode(raw: bytes, path: Path) -> str:
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise TaskError(f"{path}:{line}: not UTF-8 text ({exc.reason})") from None
-
-
-# ----------------------------------------------------------------------------------------- reading files
-
-
-class _FileSplits:
-    """The loader of a user task: reads, checks and caches its files; called as loader(split, seed)."""
-
-    def __init__(self, *, base: Path, paths: dict[str, str], format: str | None, header: bool,
-                 columns: dict[str, Column], label_names: list[str], label_values: list[str] | None,
-                 seeds: tuple[int, ...]):  # fmt: skip
-        self.base = base
-        self.paths = paths
-        self.format = format
-        self.header = header
-        self.columns = columns
-        self.label_names = label_names
-        self.label_values = label_values
-        self.seeds = seeds
-        self._cache: dict[Path, list[Example]] = {}
-
-    def __call__(self, split: Split, seed: int) -> list[Example]:
-        return list(self._read(self.path(split, seed), split))
-
-    def path(self, split: Split, seed: int) -> Path:
-        template = self.paths[split]
-        if "{seed}" in template:
-            if seed not in self.seeds:
-                raise TaskError(f"seed {seed} has no split in {template}; available seeds: {list(self.seeds)}")
-            template = template.replace("{seed}", str(seed))
-        return self.base / template
-
-    def check_all(self) -> None:
-        for seed in self.seeds or (0,):
-            for split in SPLITS:
-                self._read(self.path(split, seed), split)
-
-    def _read(self, path: Path, split: Split) -> list[Example]:
-        if path not in self._cache:
-            examples = read_examples(path, self.format, self.header, self.columns, self.label_names,
-                                     self.label_values, split)  # fmt: skip
-            if split == "train":
-                present = {e.label for e in examples}
-                empty = [name for i, name in enumerate(self.label_names) if i not in present]
-                if empty:
-                    raise TaskError(f"{path}: no training example of class {empty[0]!r} (classes without "
-                                    f"examples: {', '.join(empty)}); every class needs at least one")  # fmt: skip
-            self._cache[path] = examples
-        return self._cache[path]
-
-
-def file_format(path: Path, format: str | None) -> str:
-    if format is not None:
-        return format
-    try:
-        return EXTENSIONS[path.suffix.lower()]
-    except KeyError:
-        raise TaskError(f"{path}: cannot tell the format from the extension {path.suffix!r}; name it "
-                        f"(format = csv, tsv or jsonl)") from None  # fmt: skip
-
-
-def read_examples(
-    path: str | Path,
-    format: str | None,
-    header: bool,
-    columns: Mapping[str, Column],
-    label_names: Sequence[str],
-    label_values: Sequence[str] | None = None,
-    split: str = "",
-) -> list[Example]:
-    """Examples from one CSV/TSV/JSONL file; `columns` maps text_a/text_b/label to column names (or indices)."""
-    path = Path(path)
-    fmt = file_format(path, format)
-    what = f"{split} file" if split else "file"
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise TaskError(f"{path}: {what} not found") from None
-    except OSError as exc:
-        raise TaskError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
-    text = _decode(raw, path)
-    labels = _LabelReader(label_names, label_values, columns["label"])
-    rows = _jsonl_rows(text, path) if fmt == "jsonl" else _delimited_rows(text, path, fmt, header, columns)
-    examples = []
-    for line, row in rows:
-        where = f"{path}:{line}"
-        fields: dict[str, Any] = {}
-        for role in ("text_a", "text_b"):
-            if role in columns:
-                fields[role] = _text(row, columns[role], role, where, fmt)
-        fields["label"] = labels.id(_cell(row, columns["label"], where, fmt), where)
-        examples.append(Example(**fields))
-    if not examples:
-        raise TaskError(f"{path}: the {what} has no examples")
-    return examples
-
-
-def _delimited_rows(text: str, path: Path, fmt: str, header: bool, columns: Mapping[str, Column]):
-    """(line, {column: value}) or (line, [values]) per non-blank row of a CSV/TSV file."""
-    options: dict[str, Any] = {"delimiter": ",", "strict": True} if fmt == "csv" else {
-        "delimiter": "\t", "quoting": csv.QUOTE_NONE}  # fmt: skip
-    reader = csv.reader(io.StringIO(text, newline=""), **options)
-    names: list[str] | None = None
-    previous_end = 0
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            detail = f"{exc}; an unbalanced quote?" if "end of data" in str(exc) else str(exc)
-            raise TaskError(f"{path}:{previous_end + 1}: malformed {fmt.upper()} row ({detail})") from None
-        line, previous_end = previous_end + 1, reader.line_num
-        if not any(cell.strip() for cell in row):
-            continue
-        if header and names is None:
-            names = [cell.strip() for cell in row]
-            for role, column in columns.items():
-                if column not in names:
-                    raise TaskError(f"{path}:{line}: no column {column!r} for {role} in the header; available "
-                                    f"columns: {', '.join(repr(n) for n in names)}")  # fmt: skip
-                if names.count(column) > 1:  # type: ignore[arg-type]
-                    raise TaskError(f"{path}:{line}: the header names column {column!r} twice")
-            continue
-        if names is not None:
-            if len(row) != len(names):
-                raise TaskError(f"{path}:{line}: malformed row: {len(row)} fields, but the header has {len(names)} "
-                                f"({'an unquoted comma or quote?' if fmt == 'csv' else 'a stray tab?'})")  # fmt: skip
-            yield line, dict(zip(names, row, strict=True))
-        else:
-            needed = max(int(c) for c in columns.values())
-            if len(row) <= needed:
-                raise TaskError(f"{path}:{line}: malformed row: {len(row)} fields, but column index {needed} "
-                                f"is used (indices count from 0)")  # fmt: skip
-            yield line, row
-
-
-def _jsonl_rows(text: str, path: Path):
-    for line, content in enumerate(text.split("\n"), 1):
-        if not content.strip():
-            continue
-        try:
-            record = json.loads(content)
-        except json.JSONDecodeError as exc:
-            raise TaskError(f"{path}:{line}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise TaskError(f"{path}:{line}: malformed row: expected a JSON object, got {type(record).__name__}")
-        yield line, record
-
-
-def _cell(row: dict[str, Any] | list[str], column: Column, where: str, fmt: str) -> Any:
-    if isinstance(row, list):
-        return row[int(column)]
-    if column not in row:  # only JSONL rows can lack a key; CSV/TSV headers are checked once
-        available = ", ".join(repr(k) for k in row) or "none"
-        raise TaskError(f"{where}: no column {column!r}; available columns: {available}")
-    return row[column]  # type: ignore[index]
-
-
-def _text(row, column: Column, role: str, where: str, fmt: str) -> str:
-    value = _cell(row, column, where, fmt)
-    if value is None:
-        value = ""
-    if not isinstance(value, str):
-        raise TaskError(f"{where}: column {column!r} ({role}) must hold text, got {type(value).__name__} {value!r}")
-    value = value.strip()
-    if not value:
-        raise TaskError(f"{where}: empty text in column {column!r} ({role})")
-    if len(value) > MAX_TEXT_CHARS:
-        raise TaskError(f"{where}: text in column {column!r} is {len(value)} characters; the limit is "
-                        f"{MAX_TEXT_CHARS}")  # fmt: skip
-    return value
-
-
-class _LabelReader:
-    def __init__(self, names: Sequence[str], values: Sequence[str] | None, column: Column):
-        self.column = column
-        self.values = list(values) if values is not None else None
-        self.names = list(names)
-        self.by_name = {name: i for i, name in enumerate(names)}
-
-    def id(self, raw: Any, where: str) -> int:
-        if self.values is not None:
-            text = str(raw).strip() if isinstance(raw, (str, int)) and not isinstance(raw, bool) else None
-            if text in self.values:
-                return self.values.index(text)
-            allowed = ", ".join(repr(v) for v in self.values)
-        else:
-            if isinstance(raw, str):
-                text = raw.strip()
-                if text in self.by_name:
-                    return self.by_name[text]
-                if text.isascii() and text.isdigit() and int(text) < len(self.names):
-                    return int(text)
-            elif isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < len(self.names):
-                return raw
-            names = ", ".join(repr(n) for n in self.names)
-            allowed = f"{names}, or ids 0..{len(self.names) - 1}"
-        raise TaskError(f"{where}: unknown label {raw!r} in column {self.column!r}; allowed: {allowed}")
