@@ -85,7 +85,11 @@ def build_model(kind: str, vocab_size: int, pad_id: int, llama_positions: int = 
         return RobertaForMaskedLM(config)
     if kind == "llama":
         config = LlamaConfig(
-            intermediate_size=64, max_position_embeddings=llama_positions, num_key_value_heads=1, pad_token_id=pad_id, **common
+            intermediate_size=64,
+            max_position_embeddings=llama_positions,
+            num_key_value_heads=1,
+            pad_token_id=pad_id,
+            **common,
         )
         return LlamaForCausalLM(config)
     if kind == "gpt2":
