@@ -126,8 +126,11 @@ def run_tuning(
             state.manual_test = _counted(scorer, state, lambda: scorer.score(test, [NO_PROMPT])[0].metric)
         search(scorer, tuner, train, selection, state, config, out_dir, progress, start)
         chosen = (selection.best or tuner.best or NO_PROMPT).materialized()  # portable, self-contained
-        progress(f"scoring the selected prompt on {len(test)} test examples")
-        test_score = _counted(scorer, state, lambda: scorer.score(test, [chosen])[0].metric)
+        if chosen.empty and state.manual_test is not None:  # the manual prompt again: already scored
+            test_score = state.manual_test
+        else:
+            progress(f"scoring the selected prompt on {len(test)} test examples")
+            test_score = _counted(scorer, state, lambda: scorer.score(test, [chosen])[0].metric)
     except BudgetExhaustedError:
         status, test_score = "budget_exhausted", None
         chosen = (selection.best or tuner.best or NO_PROMPT).materialized()

@@ -60,6 +60,11 @@ class PromptCandidate:
     wire_dtype: str = "float32"  # float16 halves the upload
     meta: dict[str, Any] = field(default_factory=dict)  # method-specific notes saved with the prompt
 
+    @property
+    def empty(self) -> bool:
+        """Nothing fills the {prompt} slot: the manual prompt itself."""
+        return self.token_ids is None and not self.parts()
+
     def parts(self) -> list[Part]:
         found = [p for p in (self.soft, *(self.deep or ())) if p is not None]
         return found + ([self.offset.a, self.offset.b] if self.offset is not None else [])
