@@ -10,6 +10,7 @@ vocabulary ids 1000..1000+P-1), or stands alone as a pure soft prompt (init_toke
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -36,28 +37,14 @@ class BBTConfig(TunerConfig):
     wire_dtype: Literal["float32", "float16"] = Field("float32", description="dtype of z / A z on the wire.")
 
 
-@register_tuner
-class BBTTuner(Tuner):
-    name = "bbt"
-    config_class = BBTConfig
-    config: BBTConfig
+class CMATuner(Tuner):
+    """One pycma strategy over a vector z, each z turned into a prompt by `prompt(z)` (BBT, DePT, GDFO)."""
 
-    def __init__(self, config: BBTConfig, model: ModelInfo):
-        super().__init__(config, model)
-        self.spec = projection_spec(config.intrinsic_dim, config.sigma, config.alpha, model.embedding_std,
-                                    config.prompt_length, model.hidden_size, config.seed)  # fmt: skip
-        self.token_ids = placeholder_tokens(
-            config.init_tokens, config.init_token_offset, config.prompt_length, model.vocab_size
-        )
-        self.es = cmaes.strategy(config.intrinsic_dim, config.sigma, config.popsize, config.seed, config.bound)
-        self._pending: list[np.ndarray] | None = None
+    es: Any
+    _pending: list[np.ndarray] | None = None
 
-    def prompt(self, z: np.ndarray) -> PromptCandidate:
-        z = np.asarray(z, dtype=np.float64)
-        candidate = PromptCandidate(
-            token_ids=self.token_ids, soft=ProjectedZ(z, self.spec), z=z, wire_dtype=self.config.wire_dtype
-        )
-        return candidate if self.config.projection_site == "server" else candidate.materialized()
+    @abstractmethod
+    def prompt(self, z: np.ndarray) -> PromptCandidate: ...
 
     def ask(self) -> list[PromptCandidate]:
         self._pending = self.es.ask()
@@ -80,8 +67,33 @@ class BBTTuner(Tuner):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.es = cmaes.loads(state["es"])
         self._pending = state["pending"]
-        self.best = None if state["best_z"] is None else self.prompt(state["best_z"])
-        self.best_loss = state["best_loss"]
+        best_z = state.get("best_z")  # absent from DePT checkpoints of before this class
+        self.best = None if best_z is None else self.prompt(best_z)
+        self.best_loss = state.get("best_loss", float("inf"))
+
+
+@register_tuner
+class BBTTuner(CMATuner):
+    name = "bbt"
+    config_class = BBTConfig
+    config: BBTConfig
+
+    def __init__(self, config: BBTConfig, model: ModelInfo):
+        super().__init__(config, model)
+        self.spec = projection_spec(config.intrinsic_dim, config.sigma, config.alpha, model.embedding_std,
+                                    config.prompt_length, model.hidden_size, config.seed)  # fmt: skip
+        self.token_ids = placeholder_tokens(
+            config.init_tokens, config.init_token_offset, config.prompt_length, model.vocab_size
+        )
+        self.es = cmaes.strategy(config.intrinsic_dim, config.sigma, config.popsize, config.seed, config.bound)
+        self._pending: list[np.ndarray] | None = None
+
+    def prompt(self, z: np.ndarray) -> PromptCandidate:
+        z = np.asarray(z, dtype=np.float64)
+        candidate = PromptCandidate(
+            token_ids=self.token_ids, soft=ProjectedZ(z, self.spec), z=z, wire_dtype=self.config.wire_dtype
+        )
+        return candidate if self.config.projection_site == "server" else candidate.materialized()
 
 
 def projection_spec(

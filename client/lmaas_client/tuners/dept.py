@@ -16,15 +16,14 @@ The offset changes the text's own embeddings, so the server cannot reuse a cache
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
 
 from lmaas_client.tuners import cmaes
-from lmaas_client.tuners.base import LowRank, ProjectedZ, PromptCandidate, Tuner, TunerConfig, register_tuner
-from lmaas_client.tuners.bbt import placeholder_tokens, projection_spec
+from lmaas_client.tuners.base import LowRank, ProjectedZ, PromptCandidate, TunerConfig, register_tuner
+from lmaas_client.tuners.bbt import CMATuner, placeholder_tokens, projection_spec
 from lmaas_protocol import ModelInfo, ProjectionSpec, materialize, project
 
 
@@ -47,7 +46,7 @@ class DePTConfig(TunerConfig):
 
 
 @register_tuner
-class DePTTuner(Tuner):
+class DePTTuner(CMATuner):
     name = "dept"
     config_class = DePTConfig
     config: DePTConfig
@@ -80,20 +79,3 @@ class DePTTuner(Tuner):
         offset = LowRank(a.astype(np.float32), b.astype(np.float32), float(self.scale))
         return PromptCandidate(token_ids=self.token_ids, soft=ProjectedZ(z_p, self.prompt_spec), offset=offset, z=z,
                                wire_dtype=c.wire_dtype)  # fmt: skip
-
-    def ask(self) -> list[PromptCandidate]:
-        self._pending = self.es.ask()
-        return [self.prompt(z) for z in self._pending]
-
-    def tell(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
-        if self._pending is None or len(losses) != len(self._pending):
-            raise ValueError("tell() needs one loss per candidate of the last ask()")
-        self.es.tell(self._pending, [float(v) for v in losses])
-        self._pending = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"es": cmaes.dumps(self.es), "pending": self._pending}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.es = cmaes.loads(state["es"])
-        self._pending = state["pending"]
