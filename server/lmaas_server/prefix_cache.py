@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lmaas_server.rendering import RenderedExample
+from lmaas_protocol.rendering import RenderedExample
 
 
 class PrefixKV:

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from lmaas_protocol import Example, InputsSpec
+from lmaas_protocol.rendering import RenderedExample
 from lmaas_server.model_loading import LoadedModel
 from lmaas_server.prompts import RowPrompt
-from lmaas_server.rendering import RenderedExample
 
 log = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ def soft_prompt(length: int, hidden: int = 32, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "llama", "gpt2"])
 @pytest.mark.parametrize("placement", ["prefix", "suffix"])
-def test_local_rendering_is_the_servers_token_for_token(engines, local_models, kind, placement):
+def test_the_local_tokenizer_renders_the_servers_tokens(engines, local_models, kind, placement):
     engine, local = engines(kind), local_models(kind)
     template = SST2.template(local.family, placement)
     examples = [*TRAIN, *DEV]
@@ -126,8 +126,9 @@ def test_per_row_prompts_and_subsets_agree_with_one_shared_prompt(local_models):
     torch.testing.assert_close(rows, torch.stack([shared_a[4], shared_b[0], shared_b[4]]), atol=1e-5, rtol=0)
 
 
-def test_the_minimal_loader_without_lmaas_server_loads_the_same_model(tiny_model_dirs, local_models, monkeypatch):
-    monkeypatch.setitem(sys.modules, "lmaas_server.model_loading", None)  # import fails as if not installed
+def test_the_local_loader_needs_no_lmaas_server_and_loads_the_same_model(tiny_model_dirs, local_models, monkeypatch):
+    for module in ("lmaas_server", "lmaas_server.model_loading", "lmaas_server.config"):
+        monkeypatch.setitem(sys.modules, module, None)  # any import of the server fails, as if not installed
     minimal = LocalModel.load(str(tiny_model_dirs["roberta"]))
     reference = local_models("roberta")
     assert (minimal.name, minimal.family, minimal.max_length) == (

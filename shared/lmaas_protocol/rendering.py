@@ -6,17 +6,21 @@ so a sub-word tokenizer sees the same strings it would see in running text. The 
 per candidate, at `prompt_at`; the label is read at `mask_at` (masked LM: the mask token there; causal LM:
 the next-token logits of the token before it, since {mask} ends the template). Spaces right before {mask}
 are dropped: label words carry their own leading space (" great"), as RoBERTa's <mask> token absorbs it.
+
+Shared by the server and the client's local white-box copy (prompt tuning, GDFO's student) so both render
+token for token alike. The tokenizer is duck-typed (a Hugging Face tokenizer: callable, `decode`,
+`mask_token_id`), so this module imports no ML library.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-import transformers
-
-from lmaas_protocol import Example, FieldError, parse_template
-from lmaas_protocol.templates import mask_ends_template
+from lmaas_protocol.base import FieldError
+from lmaas_protocol.schemas import Example
+from lmaas_protocol.templates import mask_ends_template, parse_template
 
 MAX_TRUNCATION_ROUNDS = 6
 
@@ -36,8 +40,18 @@ class RenderedExample:
         return shifted - 1 if causal else shifted
 
 
+class Tokenizer(Protocol):
+    """What rendering needs of a Hugging Face tokenizer."""
+
+    mask_token_id: int | None
+
+    def __call__(self, text: Any, add_special_tokens: bool = ...) -> Any: ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
 class TemplateRenderer:
-    def __init__(self, tokenizer: transformers.PreTrainedTokenizerBase, causal: bool, max_length: int):
+    def __init__(self, tokenizer: Tokenizer, causal: bool, max_length: int):
         self.tokenizer = tokenizer
         self.causal = causal
         self.max_length = max_length
@@ -146,7 +160,7 @@ class _Slot(enum.Enum):
     MASK = "mask"
 
 
-def special_token_frame(tokenizer: transformers.PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+def special_token_frame(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     """The special tokens the tokenizer puts before and after a text (e.g. [CLS] ... [SEP], or <s>)."""
     probe = "lmaas probe"
     plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
