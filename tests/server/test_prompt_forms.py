@@ -1,19 +1,14 @@
 """Every prompt form on tiny masked and causal models, checked against direct Hugging Face forwards built by
-hand in this file: deep prompts (BBTv2), discrete prompts (BDPL), DePT embedding offsets, server-side
-projections, and the prefix cache of causal LMs (which must give the plain path's logits)."""
+hand (`forms_support.reference`): deep prompts (BBTv2), discrete prompts (BDPL), DePT embedding offsets,
+server-side projections, and batching/chunking invariance."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-import lmaas_server.engine as engine_module
 from lmaas_protocol import (
     Candidate,
-    EvaluateRequest,
-    Example,
-    InputsSpec,
     LowRankOffset,
     Projected,
     ProjectionSpec,
@@ -23,198 +18,23 @@ from lmaas_protocol import (
 )
 from lmaas_server.budget import CallBudget
 from lmaas_server.errors import InvalidRequest
-from lmaas_server.model_loading import transformer_layers
-from tests.support.tiny_models import CAUSAL_KINDS, HIDDEN, KINDS, LAYERS, MASKED_KINDS
-
-TEXTS = ["the movie was great", "a bad film , boring and dull .", "it was terrible", "fun to watch", "thin plot"]
-
-# name -> (template, family, the example's own ids before and after the prompt slot, built from the tokenizer
-# alone: (ids of a string, the tokenizer, the text) -> (before, after)). Masked LMs: [CLS]/<s> ... [SEP]/</s>.
-TEMPLATES = {
-    "masked_front": (
-        "{prompt} . {text_a} . It was {mask} .",
-        "masked",
-        lambda ids, tok, x: (
-            [tok.cls_token_id],
-            [*ids(f" . {x} . It was"), tok.mask_token_id, *ids(" ."), tok.sep_token_id],
-        ),
-    ),
-    "masked_mid": (
-        "{text_a} . {prompt} It was {mask} .",
-        "masked",
-        lambda ids, tok, x: (
-            [tok.cls_token_id, *ids(f"{x} . ")],
-            [*ids(" It was"), tok.mask_token_id, *ids(" ."), tok.sep_token_id],
-        ),
-    ),
-    "masked_back": (  # the mask before the prompt
-        "{mask} : {text_a} {prompt}",
-        "masked",
-        lambda ids, tok, x: ([tok.cls_token_id, tok.mask_token_id, *ids(f" : {x} ")], [tok.sep_token_id]),
-    ),
-    "causal_front": (
-        "{prompt}Review: {text_a}\nSentiment:{mask}",
-        "causal",
-        lambda ids, tok, x: ([], ids(f"Review: {x}\nSentiment:")),
-    ),
-    "causal_suffix": (
-        "Review: {text_a}\n{prompt}Sentiment:{mask}",
-        "causal",
-        lambda ids, tok, x: (ids(f"Review: {x}\n"), ids("Sentiment:")),
-    ),
-}
-MASKED_TEMPLATES = ["masked_front", "masked_mid", "masked_back"]
-CAUSAL_TEMPLATES = ["causal_front", "causal_suffix"]
-KIND_TEMPLATES = [(k, t) for k in MASKED_KINDS for t in MASKED_TEMPLATES] + [
-    (k, t) for k in CAUSAL_KINDS for t in CAUSAL_TEMPLATES
-]
-SUFFIX = TEMPLATES["causal_suffix"][0]
-# Logits of these random tiny models are ~0.1 and the server reproduces hand-built forwards to ~1e-7; a
-# misplaced deep prompt changes BERT's logits by only ~5e-6, so comparisons must be this tight to see it.
-ATOL = 1e-6
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-
-
-def verbalizer(engine) -> list[list[int]]:
-    words = [" bad", " great"] if engine.causal else ["bad", "great"]
-    return [[engine.loaded.tokenizer(w, add_special_tokens=False)["input_ids"][0]] for w in words]
-
-
-def request(engine, candidates, template: str, texts=TEXTS, **extra) -> EvaluateRequest:
-    return EvaluateRequest(
-        template=TEMPLATES[template][0] if template in TEMPLATES else template,
-        examples=[Example(text_a=t, label=i % 2) for i, t in enumerate(texts)],
-        verbalizer=verbalizer(engine),
-        candidates=candidates,
-        **extra,
-    )
-
-
-def evaluate(engine, candidates, template: str, **extra) -> np.ndarray:
-    """[candidates, examples, classes]"""
-    response = engine.evaluate(request(engine, candidates, template, **extra), CallBudget(None))
-    return np.stack([r.logits.to_numpy() for r in response.results])
-
-
-def normal(seed: int, *shape: int, scale: float = 1.0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(0, scale, shape).astype(np.float32)
-
-
-def t(array: np.ndarray) -> Tensor:
-    return Tensor.from_numpy(array)
-
-
-def table(engine) -> np.ndarray:
-    return engine.loaded.model.get_input_embeddings().weight.detach().numpy()
-
-
-def offset_candidate(a: np.ndarray, b: np.ndarray, scale: float, **fields) -> Candidate:
-    return Candidate(embedding_offset=LowRankOffset(a=t(a), b=t(b), scale=scale), **fields)
-
-
-def example_pieces(engine, template: str, text: str) -> tuple[list[int], list[int]]:
-    """Token ids of the example before and after the prompt slot, built from the tokenizer alone."""
-    tok = engine.loaded.tokenizer
-    _, family, build = TEMPLATES[template]
-    assert family == engine.loaded.family
-
-    def ids(s: str) -> list[int]:
-        return tok(s, add_special_tokens=False)["input_ids"] if s else []
-
-    return build(ids, tok, text)
-
-
-def reference(
-    engine,
-    template: str,
-    text: str,
-    base: np.ndarray,
-    deep: dict[int, np.ndarray] | None = None,
-    offset: np.ndarray | None = None,
-) -> np.ndarray:
-    """Class logits of one example by a plain HF forward: `base` [P, H] at the prompt positions, `deep[i]`
-    added to the hidden states entering layer i there (by a pre-hook registered here), `offset` rows added in
-    order to the example's own token embeddings (special tokens included, extra rows ignored)."""
-    model = engine.loaded.model
-    before, after = example_pieces(engine, template, text)
-    prompt_length = base.shape[0]
-    placed = before + [-1] * prompt_length + after
-    label_at = len(placed) - 1 if engine.causal else placed.index(engine.loaded.tokenizer.mask_token_id)
-    with torch.no_grad():
-        own = model.get_input_embeddings()(torch.tensor(before + after, dtype=torch.long)).clone()
-        if offset is not None:
-            rows = min(len(own), offset.shape[0])
-            own[:rows] += torch.from_numpy(offset[:rows])
-        embeds = torch.cat([own[: len(before)], torch.from_numpy(base.copy()), own[len(before) :]]).unsqueeze(0)
-        span = slice(len(before), len(before) + prompt_length)
-        handles = []
-        for index, values in (deep or {}).items():
-
-            def add(module, args, kwargs, values=values):
-                if args:
-                    hidden = args[0].clone()
-                    hidden[0, span] += torch.from_numpy(values)
-                    return (hidden, *args[1:]), kwargs
-                hidden = kwargs["hidden_states"].clone()
-                hidden[0, span] += torch.from_numpy(values)
-                return args, {**kwargs, "hidden_states": hidden}
-
-            handles.append(transformer_layers(model)[index].register_forward_pre_hook(add, with_kwargs=True))
-        try:
-            logits = model(inputs_embeds=embeds).logits[0, label_at]
-        finally:
-            for handle in handles:
-                handle.remove()
-    return np.array([logits[ids[0]].item() for ids in verbalizer(engine)])
-
-
-def references(engine, template, base, deep=None, offset=None, texts=TEXTS) -> np.ndarray:
-    return np.stack([reference(engine, template, text, base, deep, offset) for text in texts])
-
-
-def assert_differs(a: np.ndarray, b: np.ndarray) -> None:
-    """Logits of random tiny models are small (BERT's are ~0.1): a change is anything far above float noise."""
-    assert np.abs(a - b).max() > 1e-5, np.abs(a - b).max()
-
-
-def empty(engine) -> np.ndarray:
-    return np.zeros((0, engine.info.hidden_size), np.float32)
-
-
-@pytest.fixture
-def forward_log(monkeypatch):
-    """Factory: record (rows, took the cached path?) of every forward batch of an engine."""
-
-    def attach(engine) -> list[tuple[int, bool]]:
-        log: list[tuple[int, bool]] = []
-        original = engine.forward.run
-
-        def run(batch):
-            log.append((len(batch), batch[0].prefix is not None))
-            assert all((row.prefix is not None) == log[-1][1] for row in batch)  # one path per batch
-            return original(batch)
-
-        monkeypatch.setattr(engine.forward, "run", run)
-        return log
-
-    return attach
-
-
-@pytest.fixture
-def prefix_spy(monkeypatch):
-    """Counts prefix computations (the engine module's own reference to compute_prefix)."""
-    calls: list[int] = []
-    original = engine_module.compute_prefix
-
-    def spy(model, examples, *args, **kwargs):
-        calls.append(len(examples))
-        return original(model, examples, *args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "compute_prefix", spy)
-    return calls
-
+from tests.server.forms_support import (
+    ATOL,
+    KIND_TEMPLATES,
+    TEXTS,
+    assert_differs,
+    empty,
+    evaluate,
+    mixed_population,
+    normal,
+    offset_candidate,
+    references,
+    request,
+    spec,
+    t,
+    table,
+)
+from tests.support.tiny_models import HIDDEN, KINDS, LAYERS
 
 # ----------------------------------------------------------------------------------------------- deep prompts
 
@@ -421,10 +241,6 @@ def test_embedding_offsets_are_checked_against_the_model(engines, kind):
 # ----------------------------------------------------------------------------------------------- server-side projection
 
 
-def spec(seed: int, dim: int, shape: list[int], scale: float = 0.05, distribution: str = "normal") -> ProjectionSpec:
-    return ProjectionSpec(seed=seed, scale=scale, dim=dim, shape=shape, distribution=distribution)
-
-
 def projected_raw(z: np.ndarray, projection: ProjectionSpec) -> np.ndarray:
     return project(z, materialize(projection), projection)
 
@@ -512,183 +328,6 @@ def test_projection_limits_are_enforced_before_any_compute(engines):
         budget,
     )
     assert budget.used == 1 and np.isfinite(ok.results[0].logits.to_numpy()).all()
-
-
-# ----------------------------------------------------------------------------------------------- the prefix cache
-
-
-def mixed_population(seed: int) -> list[Candidate]:
-    """Every form the cached path takes, with mixed prompt lengths, plus one offset (plain path)."""
-    return [
-        Candidate(),
-        Candidate(soft_prompt=t(normal(seed, 3, HIDDEN))),
-        Candidate(prompt_token_ids=[5, 6]),
-        Candidate(deep_prompt=[t(normal(seed + 1, 4, HIDDEN)), t(normal(seed + 2, 4, HIDDEN))]),
-        Candidate(prompt_token_ids=[7], deep_prompt=[None, t(normal(seed + 3, 1, HIDDEN))]),
-        Candidate(soft_prompt=t(normal(seed + 4, 6, HIDDEN)), deep_prompt=[None, t(normal(seed + 5, 6, HIDDEN))]),
-        offset_candidate(
-            normal(seed + 6, 8, 2), normal(seed + 7, 2, HIDDEN), 0.5, soft_prompt=t(normal(seed + 8, 2, HIDDEN))
-        ),
-    ]
-
-
-@pytest.mark.parametrize("kind", CAUSAL_KINDS)
-def test_prefix_cache_is_on_for_causal_models_and_off_when_disabled(engines, kind):
-    assert engines(kind).prefix_cache is True
-    assert engines(kind, prefix_cache=False).prefix_cache is False
-    for masked in MASKED_KINDS:
-        assert engines(masked).prefix_cache is False
-
-
-@pytest.mark.parametrize("kind", CAUSAL_KINDS)
-def test_prefix_cache_gives_the_plain_paths_logits_for_every_prompt_form(engines, kind, prefix_spy, forward_log):
-    cached, plain = engines(kind), engines(kind, prefix_cache=False)
-    prefix_spy.clear()  # building an engine runs the start-up probe of the cache
-    log = forward_log(cached)
-    population = mixed_population(30)
-    got = evaluate(cached, population, "causal_suffix")
-    assert prefix_spy == [len(TEXTS)]  # the text before {prompt} ran once, for all candidates
-    assert (len(TEXTS), False) in log  # the offset's rows: plain path
-    assert sum(rows for rows, on_cache in log if on_cache) == (len(population) - 1) * len(TEXTS)
-    want = evaluate(plain, population, "causal_suffix")
-    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
-    # and each candidate against a hand-built forward
-    np.testing.assert_allclose(got[0], references(cached, "causal_suffix", empty(cached)), atol=ATOL, rtol=0)
-    np.testing.assert_allclose(
-        got[1], references(cached, "causal_suffix", population[1].soft_prompt.to_numpy()), atol=ATOL, rtol=0
-    )
-    deep = population[3].deep_prompt
-    np.testing.assert_allclose(
-        got[3],
-        references(cached, "causal_suffix", deep[0].to_numpy(), {1: deep[1].to_numpy()}),
-        atol=ATOL,
-        rtol=1e-4,
-    )
-
-
-@pytest.mark.parametrize("kind", CAUSAL_KINDS)
-def test_prefix_cache_matches_with_projections_and_small_batches(engines, kind, prefix_spy, forward_log):
-    cached, plain = engines(kind, max_batch_tokens=64), engines(kind, prefix_cache=False)
-    prefix_spy.clear()  # building an engine runs the start-up probe of the cache
-    log = forward_log(cached)
-    projections = {"p": spec(5, 40, [5, HIDDEN], scale=0.1)}
-    population = [Candidate(soft_prompt=Projected(z=t(normal(s, 40)), projection="p")) for s in range(3)] + [
-        Candidate(deep_prompt=[None, Projected(z=t(normal(9, 40)), projection="p")])
-    ]
-    texts = TEXTS * 2
-    got = evaluate(cached, population, "causal_suffix", texts=texts, projections=projections)
-    want = evaluate(plain, population, "causal_suffix", texts=texts, projections=projections)
-    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
-    assert prefix_spy == [len(texts)]
-    assert len(log) > 3 and all(on_cache for _, on_cache in log)  # many small cached batches
-
-
-@pytest.mark.parametrize("kind", CAUSAL_KINDS)
-def test_prefix_cache_with_truncated_examples(engines, kind):
-    cached, plain = engines(kind, max_seq_len=24), engines(kind, max_seq_len=24, prefix_cache=False)
-    texts = ["fun", " ".join(["the movie was great and fun to watch"] * 6), "a bad film , boring and dull ."]
-    population = [Candidate(), Candidate(soft_prompt=t(normal(1, 4, HIDDEN))), Candidate(prompt_token_ids=[5])]
-    got = evaluate(cached, population, "causal_suffix", texts=texts, truncate=True)
-    want = evaluate(plain, population, "causal_suffix", texts=texts, truncate=True)
-    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("kind", CAUSAL_KINDS)
-def test_a_registered_handle_takes_the_cached_path_even_for_one_candidate(engines, kind, prefix_spy, forward_log):
-    cached, plain = engines(kind), engines(kind, prefix_cache=False)
-    prefix_spy.clear()  # building an engine runs the start-up probe of the cache
-    log = forward_log(cached)
-    spec_ = InputsSpec(
-        template=SUFFIX, examples=[Example(text_a=text) for text in TEXTS], verbalizer=verbalizer(cached)
-    )
-    registered = cached.register_inputs(spec_)
-    assert registered.prefix_cache is True
-    prepared = cached.inputs.get(registered.handle)
-    assert all(v.prefix is None for v in prepared.variants.values())  # nothing computed at registration
-    one = [Candidate(soft_prompt=t(normal(40, 3, HIDDEN)))]
-    first = cached.evaluate(EvaluateRequest(inputs=registered.handle, candidates=one), CallBudget(None))
-    assert prefix_spy == [len(TEXTS)] and log == [(len(TEXTS), True)]
-    assert prepared.variants[(3, 3)].prefix is not None
-    again = cached.evaluate(EvaluateRequest(inputs=registered.handle, candidates=one), CallBudget(None))
-    assert prefix_spy == [len(TEXTS)]  # reused, not recomputed
-    got = np.stack([r.logits.to_numpy() for r in first.results])
-    np.testing.assert_array_equal(got, np.stack([r.logits.to_numpy() for r in again.results]))
-    want = evaluate(plain, one, "causal_suffix")
-    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
-    # another prompt length renders the same text: the variant shares the cache
-    other = cached.evaluate(
-        EvaluateRequest(inputs=registered.handle, candidates=[Candidate(prompt_token_ids=[5])]), CallBudget(None)
-    )
-    assert prefix_spy == [len(TEXTS)]
-    np.testing.assert_allclose(
-        other.results[0].logits.to_numpy(),
-        evaluate(plain, [Candidate(prompt_token_ids=[5])], "causal_suffix")[0],
-        atol=ATOL,
-    )
-    cached.inputs.delete(registered.handle)
-
-
-@pytest.mark.parametrize("kind", CAUSAL_KINDS)
-def test_the_cached_path_needs_two_cacheable_candidates_inline(engines, kind, prefix_spy, forward_log):
-    engine = engines(kind)
-    prefix_spy.clear()  # building an engine runs the start-up probe of the cache
-    log = forward_log(engine)
-    evaluate(engine, [Candidate(soft_prompt=t(normal(1, 2, HIDDEN)))], "causal_suffix")
-    offsets = [offset_candidate(normal(s, 4, 2), normal(s + 1, 2, HIDDEN), 0.5) for s in (1, 2)]
-    evaluate(engine, [offsets[0], offsets[1], Candidate()], "causal_suffix")  # only one candidate could reuse it
-    assert prefix_spy == [] and all(not on_cache for _, on_cache in log)
-    evaluate(engine, [Candidate(), Candidate(prompt_token_ids=[5])], "causal_suffix")
-    assert prefix_spy == [len(TEXTS)] and log[-1][1] is True
-
-
-@pytest.mark.parametrize("kind", CAUSAL_KINDS)
-def test_prefix_placement_never_computes_a_prefix(engines, kind, prefix_spy, forward_log):
-    engine = engines(kind)
-    prefix_spy.clear()  # building an engine runs the start-up probe of the cache
-    log = forward_log(engine)
-    population = mixed_population(50)[:-1]
-    evaluate(engine, population, "causal_front")
-    registered = engine.register_inputs(
-        InputsSpec(
-            template=TEMPLATES["causal_front"][0], examples=[Example(text_a="fun")], verbalizer=verbalizer(engine)
-        )
-    )
-    assert registered.prefix_cache is False and "prefix placement" in registered.prefix_cache_reason
-    engine.evaluate(EvaluateRequest(inputs=registered.handle, candidates=population), CallBudget(None))
-    assert prefix_spy == [] and log and all(not on_cache for _, on_cache in log)
-    engine.inputs.delete(registered.handle)
-
-
-@pytest.mark.parametrize("kind", CAUSAL_KINDS)
-def test_prompt_right_before_the_answer_cue_works_with_a_prompt(engines, kind):
-    """Template "...Sentiment:{prompt}{mask}": nothing follows the slot; non-empty prompts still match."""
-    cached, plain = engines(kind), engines(kind, prefix_cache=False)
-    template = "Review: {text_a}\nSentiment:{prompt}{mask}"
-    population = [Candidate(soft_prompt=t(normal(1, 3, HIDDEN))), Candidate(prompt_token_ids=[5, 6])]
-    np.testing.assert_allclose(
-        evaluate(cached, population, template), evaluate(plain, population, template), atol=ATOL, rtol=0
-    )
-
-
-@pytest.mark.parametrize("kind", CAUSAL_KINDS)
-def test_empty_prompt_right_before_the_answer_cue_matches_the_plain_path(engines, kind):
-    cached, plain = engines(kind), engines(kind, prefix_cache=False)
-    template = "Review: {text_a}\nSentiment:{prompt}{mask}"
-    population = [Candidate(), Candidate(soft_prompt=t(normal(1, 3, HIDDEN)))]
-    np.testing.assert_allclose(
-        evaluate(cached, population, template), evaluate(plain, population, template), atol=ATOL, rtol=0
-    )
-
-
-@pytest.mark.parametrize("kind", CAUSAL_KINDS)
-def test_only_empty_prompts_right_before_the_answer_cue(engines, kind):
-    cached, plain = engines(kind), engines(kind, prefix_cache=False)
-    template = "Review: {text_a}\nSentiment:{prompt}{mask}"
-    np.testing.assert_allclose(
-        evaluate(cached, [Candidate(), Candidate()], template),
-        evaluate(plain, [Candidate(), Candidate()], template),
-        atol=ATOL,
-    )
 
 
 # ----------------------------------------------------------------------------------------------- batching invariance
