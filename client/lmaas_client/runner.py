@@ -9,14 +9,13 @@ calls, curve); `resume=True` continues from it and ends as an uninterrupted run 
 from __future__ import annotations
 
 import json
-import os
-import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmaas_client import checkpoints
 from lmaas_client.client import LMaaSClient
 from lmaas_client.context import TuneContext
 from lmaas_client.data import TestSize, load_task_data
@@ -244,7 +243,7 @@ class DevSelection:
 
 
 def save_checkpoint(out_dir: Path, tuner: Tuner, selection: DevSelection, state: RunState, start: float) -> None:
-    """Atomically replace out_dir/checkpoint.pkl (a crash mid-write leaves the previous one)."""
+    """Atomically replace out_dir/checkpoint.pkl; large unchanged parts are not written again (`checkpoints`)."""
     payload = {
         "version": CHECKPOINT_VERSION,
         "tuner": tuner.state_dict(),
@@ -252,20 +251,14 @@ def save_checkpoint(out_dir: Path, tuner: Tuner, selection: DevSelection, state:
         "selection": selection.state_dict(),
         "state": {**asdict(state), "seconds": state.seconds + time.perf_counter() - start},
     }
-    tmp = out_dir / f".{CHECKPOINT}.tmp"
-    with tmp.open("wb") as handle:
-        pickle.dump(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, out_dir / CHECKPOINT)
+    checkpoints.save(out_dir / CHECKPOINT, payload)
 
 
 def load_checkpoint(out_dir: Path | None, tuner: Tuner, selection: DevSelection) -> RunState:
     path = (out_dir or Path(".")) / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-    with path.open("rb") as handle:
-        payload = pickle.load(handle)
+    payload = checkpoints.load(path)
     if payload.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint version {payload.get('version')} is not {CHECKPOINT_VERSION}")
     tuner.load_state_dict(payload["tuner"])

@@ -62,6 +62,9 @@ class BBTv2Tuner(Tuner):
         self.best_z: list[np.ndarray | None] = [None] * self.num_layers  # None: layer not tuned yet (adds nothing)
         self.step = 0  # generations told so far; the layer being tuned is step % num_layers
         self._pending: list[np.ndarray] | None = None
+        # serialised strategies, kept until their layer is told again: a checkpoint then re-serialises (and
+        # `lmaas_client.checkpoints` re-writes) one ~4 MB strategy per generation, not all of them
+        self._dumps: list[bytes | None] = [None] * self.num_layers
 
     def _set_specs(self, stds: Sequence[float]) -> None:
         c = self.config
@@ -97,20 +100,28 @@ class BBTv2Tuner(Tuner):
             raise ValueError("tell() needs one loss per candidate of the last ask()")
         es = self.strategies[self.layer]
         es.tell(self._pending, [float(v) for v in losses])
+        self._dumps[self.layer] = None
         self.best_z[self.layer] = np.array(es.result.xbest, dtype=np.float64)  # fixed at its best from now on
         self._pending = None
         self.step += 1
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "strategies": [cmaes.dumps(es) for es in self.strategies],
+            "strategies": self._serialised_strategies(),
             "best_z": self.best_z,
             "step": self.step,
             "pending": self._pending,
             "specs": [s.model_dump() for s in self.specs],
         }
 
+    def _serialised_strategies(self) -> list[bytes]:
+        for i, data in enumerate(self._dumps):
+            if data is None:
+                self._dumps[i] = cmaes.dumps(self.strategies[i])
+        return list(self._dumps)  # type: ignore[arg-type]
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.strategies = [cmaes.loads(data) for data in state["strategies"]]
+        self._dumps = list(state["strategies"])
         self.best_z, self.step, self._pending = state["best_z"], state["step"], state["pending"]
         self.specs = [type(self.specs[0]).model_validate(s) for s in state["specs"]]

@@ -1,0 +1,96 @@
+"""Checkpoint files that cost what changed, not what the tuner holds.
+
+A tuner's state can be large and mostly unchanged between generations: BBTv2 keeps one CMA-ES per layer
+(a d x d covariance and its eigenbasis, 4.2 MB at d = 500, so 126 MB for SmolLM2's 30 layers) and tells
+only one of them per generation. Every `bytes` value of at least `BLOB_MIN_BYTES` in the pickled payload is
+therefore stored once, content-addressed, under ``checkpoint.blobs/<blake2b>``; the checkpoint file keeps
+the hashes. A save writes the new blobs (fsynced), then replaces the checkpoint file atomically, then
+deletes the blobs it no longer names, so a crash at any point leaves a complete previous or new checkpoint.
+Hashing is skipped for the very `bytes` objects the previous save of the same file stored (a tuner that
+caches the serialised state of its unchanged parts, as BBTv2 does, then costs one blob per save).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+BLOB_MIN_BYTES = 64 * 1024
+BLOB_DIR_SUFFIX = ".blobs"
+_BLOB_TAG = "lmaas-blob"
+# path -> {id(value): (value, digest)} of the previous save; holding `value` keeps its id from being reused
+_previous: dict[str, dict[int, tuple[bytes, str]]] = {}
+
+
+def save(path: Path, payload: Any) -> int:
+    """Write `payload` to `path` (and its blob folder); return the bytes written (new blobs + the file)."""
+    blob_dir = path.with_name(path.name + BLOB_DIR_SUFFIX)
+    written = 0
+    key = str(path.resolve())
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as handle:
+        pickler = _BlobPickler(handle, blob_dir, _previous.pop(key, {}))
+        pickler.dump(payload)
+        written += pickler.written
+        handle.flush()
+        os.fsync(handle.fileno())
+        written += handle.tell()
+    os.replace(tmp, path)
+    _previous[key] = pickler.stored
+    referenced = {digest for _, digest in pickler.stored.values()}
+    if blob_dir.is_dir():
+        for blob in blob_dir.iterdir():
+            if blob.name not in referenced:
+                blob.unlink(missing_ok=True)
+    return written
+
+
+def load(path: Path) -> Any:
+    with path.open("rb") as handle:
+        return _BlobUnpickler(handle, path.with_name(path.name + BLOB_DIR_SUFFIX)).load()
+
+
+class _BlobPickler(pickle.Pickler):
+    def __init__(self, handle, blob_dir: Path, known: dict[int, tuple[bytes, str]]):
+        super().__init__(handle, protocol=pickle.HIGHEST_PROTOCOL)
+        self.blob_dir, self.known, self.written = blob_dir, known, 0
+        self.stored: dict[int, tuple[bytes, str]] = {}
+
+    def persistent_id(self, obj: Any) -> tuple[str, str] | None:
+        if type(obj) is not bytes or len(obj) < BLOB_MIN_BYTES:
+            return None
+        previous = self.known.get(id(obj))
+        if previous is not None and previous[0] is obj:
+            digest = previous[1]
+        else:
+            digest = hashlib.blake2b(obj, digest_size=20).hexdigest()
+        target = self.blob_dir / digest
+        if not target.exists():
+            self.blob_dir.mkdir(parents=True, exist_ok=True)
+            staging = self.blob_dir / f".{digest}.tmp"
+            with staging.open("wb") as handle:
+                handle.write(obj)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(staging, target)
+            self.written += len(obj)
+        self.stored[id(obj)] = (obj, digest)
+        return (_BLOB_TAG, digest)
+
+
+class _BlobUnpickler(pickle.Unpickler):
+    def __init__(self, handle, blob_dir: Path):
+        super().__init__(handle)
+        self.blob_dir = blob_dir
+
+    def persistent_load(self, pid: Any) -> bytes:
+        tag, digest = pid
+        if tag != _BLOB_TAG:
+            raise pickle.UnpicklingError(f"unknown persistent id {tag!r}")
+        try:
+            return (self.blob_dir / digest).read_bytes()
+        except FileNotFoundError as exc:
+            raise pickle.UnpicklingError(f"checkpoint blob {self.blob_dir / digest} is missing") from exc
