@@ -51,7 +51,7 @@ def info(server: Server = DEFAULT_BASE_URL, api_key: ApiKey = None) -> None:
 @app.command()
 def tune(
     out: Annotated[
-        Path, typer.Option(help="Run folder: run.json, checkpoint.pkl, result.json, prompt.npz, curve.png.")
+        Path, typer.Option(help="Run folder: run.json, checkpoint.pkl (+ .blobs/), result.json, prompt.npz, curve.png.")
     ],
     server: Server = DEFAULT_BASE_URL,
     api_key: ApiKey = None,
