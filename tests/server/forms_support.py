@@ -137,10 +137,10 @@ def reference(
             def add(module, args, kwargs, values=values):
                 if args:
                     hidden = args[0].clone()
-                    hidden[0, span] += torch.from_numpy(values)
+                    hidden[0, span] += torch.from_numpy(np.array(values))  # a writable copy of the decoded buffer
                     return (hidden, *args[1:]), kwargs
                 hidden = kwargs["hidden_states"].clone()
-                hidden[0, span] += torch.from_numpy(values)
+                hidden[0, span] += torch.from_numpy(np.array(values))  # a writable copy of the decoded buffer
                 return args, {**kwargs, "hidden_states": hidden}
 
             handles.append(transformer_layers(model)[index].register_forward_pre_hook(add, with_kwargs=True))
