@@ -76,6 +76,7 @@ def engine_logits(response) -> np.ndarray:
 
 
 def assert_error(response: httpx.Response, status: int, code: str, param: str | None = None) -> dict:
+    """The one error shape, with the request id of the response header."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
@@ -85,7 +86,7 @@ def assert_error(response: httpx.Response, status: int, code: str, param: str | 
     assert error["code"] == code, error
     assert error["param"] == param, error
     assert isinstance(error["message"], str) and error["message"], error
-    assert error["request_id"] == response.headers["x-request-id"]
+    assert error["request_id"] == response.headers["x-request-id"], (error, response.headers)
     return error
 
 

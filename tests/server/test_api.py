@@ -16,16 +16,17 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from lmaas_protocol import ErrorResponse, EvaluateRequest, ModelInfo
+from lmaas_protocol import EvaluateRequest, ModelInfo
 from lmaas_server.budget import CallBudget
 from lmaas_server.main import create_app
 from tests.conftest import LiveServer
+from tests.server.support import ERROR_KEYS, assert_error
 from tests.support.tiny_models import HIDDEN
 
 TEMPLATES = {"masked": "{prompt} . {text_a} . It was {mask} .", "causal": "{prompt}Review: {text_a}\nSentiment:{mask}"}
 LABEL_WORDS = {"masked": ["bad", "great"], "causal": [" bad", " great"]}
 TEXTS = ["the movie was great", "a bad film , boring and dull .", "fun to watch"]
-ERROR_KEYS = {"code", "message", "param", "request_id", "details"}
+
 GENERATED_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -56,21 +57,6 @@ def evaluate_body(family: str, verbalizer: list[list[int]], candidates: list[dic
         "verbalizer": verbalizer,
         "candidates": candidates,
     }
-
-
-def assert_error(response: httpx.Response, status: int, code: str, param: str | None = None) -> dict:
-    """The one error shape, with the request id of the response header."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
-    ErrorResponse.model_validate(body)
-    error = body["error"]
-    assert error["code"] == code, error
-    assert error["param"] == param, error
-    assert isinstance(error["message"], str) and error["message"], error
-    assert error["request_id"] == response.headers["x-request-id"], (error, response.headers)
-    return error
 
 
 # ----------------------------------------------------------------------------------------------- happy paths
