@@ -12,7 +12,6 @@ import pytest
 
 from lmaas_client.data import load_split, load_task_data, load_test
 from lmaas_client.task_files import (
-    insert_suffix_prompt,
     load_task_file,
     resolve_task,
     save_task_file,
@@ -137,14 +136,6 @@ def test_templates_without_prompt_get_both_placements(folder):
         "suffix": "{text_a}{prompt} . It was {mask} .",  # no line break after the text: right after it
     }
     assert spec.label_words == {"masked": (" bad", " great"), "causal": (" negative", " positive")}
-
-
-def test_insert_suffix_prompt():
-    assert insert_suffix_prompt("{mask} News: {text_a}") == "{mask} News: {text_a}{prompt}"
-    assert (
-        insert_suffix_prompt("A: {text_a}\nB: {text_b}\n\nQ:{mask}") == "A: {text_a}\nB: {text_b}\n\n{prompt}Q:{mask}"
-    )
-    assert insert_suffix_prompt("{text_a} {{x}}\nA:{mask}") == "{text_a} {{x}}\n{prompt}A:{mask}"  # escaped braces
 
 
 def test_tsv_pair_task_with_label_names(folder):
