@@ -8,17 +8,12 @@ inside the functions: this module is importable without the optional `local` ext
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 from lmaas_protocol.model_source import (
     DEFAULT_CACHE_DIR,
-    ModelSource,
     ModelSourceError,
-    converted_folder,
-    family_of,
     resolve_source,
 )
 
@@ -46,13 +41,16 @@ def load_frozen(spec: str | None, device: str, dtype: str, cache_dir: str | Path
     torch = require_torch()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
+    from lmaas_protocol.hf_models import dequantised
+
     try:
         source = resolve_source(spec)
     except ModelSourceError as exc:
         raise LocalModelError(str(exc)) from exc
     path = source.path
     if source.gguf_file is not None:
-        path = _converted_gguf(source, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
+        # the de-quantised copy in the cache both sides share, converted here if the server has not yet
+        path = dequantised(source, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR).path
     config = AutoConfig.from_pretrained(path)
     family = _detect_family(config)
     torch_device = torch.device(
@@ -69,41 +67,9 @@ def load_frozen(spec: str | None, device: str, dtype: str, cache_dir: str | Path
 
 
 def _detect_family(config) -> Family:
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
+    from lmaas_protocol.hf_models import config_family
 
-    family = family_of(config.architectures, config.model_type, getattr(config, "is_decoder", False),
-                       set(MODEL_FOR_MASKED_LM_MAPPING_NAMES), set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))  # fmt: skip
+    family = config_family(config)
     if family is None:
         raise LocalModelError(f"model type {config.model_type!r} is neither a masked nor a causal language model")
     return family  # type: ignore[return-value]
-
-
-def _converted_gguf(source: ModelSource, cache_dir: Path) -> str:
-    """The de-quantised copy in the cache both sides share, converted here if the server has not yet."""
-    torch = require_torch()
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target = converted_folder(source, cache_dir, transformers.__version__)
-    if (target / "config.json").exists():
-        return str(target)
-    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-    if hasattr(model.config, "quantization_config"):  # plain float tensors now: drop the GGUF marker to save
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        staging.rename(target)  # atomic: a server starting at the same time never sees a half-written folder
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return str(target)
