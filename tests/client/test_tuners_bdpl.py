@@ -28,6 +28,7 @@ from lmaas_client.tuners.bdpl import (
 from lmaas_protocol import Example, TokenizeResponse
 from tests.client.test_tuners_bbt import fake_model
 from tests.conftest import REPO
+from tests.support.crash import Crash, crash_after
 
 DATA = str(REPO / "data")
 VOCAB = [f"w{i}" for i in range(40)]
@@ -417,18 +418,7 @@ def test_bdpl_runs_end_to_end(live_server, tmp_path):
     assert meta["method"] == "bdpl" and len(meta["prompt_tokens"]) == 3
 
 
-class Crash(Exception):
-    pass
-
-
 def test_a_resumed_bdpl_run_ends_like_an_uninterrupted_one(live_server, tmp_path):
-    def crash_after(calls: int):
-        def hook(progress) -> None:
-            if progress.message is None and progress.calls_used >= calls:
-                raise Crash
-
-        return hook
-
     with live_server("llama", budget=10_000) as server:
         straight, _ = tune(server.url, budget=12, out_dir=tmp_path / "straight")
         with pytest.raises(Crash):

@@ -24,6 +24,7 @@ from lmaas_client.tuners import TUNERS, PromptCandidate, make_tuner
 from lmaas_client.tuners.gdfo import GDFOTuner
 from lmaas_client.tuners.prompt_tuning import PromptTuning
 from tests.conftest import REPO
+from tests.support.crash import Crash, crash_after
 
 torch = pytest.importorskip("torch")
 
@@ -347,19 +348,8 @@ def test_gdfo_tell_needs_the_teacher_logits_and_a_student(local_models):
     tuner.tell(losses, logits)
 
 
-class Crash(Exception):
-    pass
-
-
 def test_a_resumed_gdfo_run_ends_like_an_uninterrupted_one(live_server, tiny_model_dirs, tmp_path):
     options = {**GDFO_TINY, "student": str(tiny_model_dirs["llama"]), "seed": 13}
-
-    def crash_after(calls: int):
-        def hook(progress) -> None:
-            if progress.message is None and progress.calls_used >= calls:
-                raise Crash
-
-        return hook
 
     with live_server("llama", budget=10_000) as server:
         straight, _ = run_method(server.url, "gdfo", 12, options, tmp_path / "straight")

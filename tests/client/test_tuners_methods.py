@@ -13,6 +13,7 @@ from lmaas_client.tuners import make_tuner
 from lmaas_client.tuners.base import ProjectedZ
 from lmaas_protocol import ModelInfo, ServerLimits
 from tests.conftest import REPO
+from tests.support.crash import Crash, crash_after
 
 DATA = str(REPO / "data")
 HIDDEN = 16
@@ -121,19 +122,8 @@ def test_icl_needs_the_prefix_placement(live_server):
         run(server.url, "icl", budget=5, placement="suffix")
 
 
-class Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("method", ["bbt", "bbtv2", "dept"])
 def test_a_resumed_run_ends_like_an_uninterrupted_one(live_server, method, tmp_path):
-    def crash_after(calls: int):
-        def hook(progress) -> None:
-            if progress.message is None and progress.calls_used >= calls:
-                raise Crash
-
-        return hook
-
     with live_server("llama", budget=10_000) as server:
         straight = run(server.url, method, budget=9, out_dir=tmp_path / "straight", placement="suffix")
         with pytest.raises(Crash):
