@@ -21,6 +21,7 @@ LabelWordsArg = Sequence[str] | Mapping[str, Sequence[str]]
 
 
 def label_words_by_family(label_words: LabelWordsArg, classes: int, bad) -> dict[Family, tuple[str, ...]]:
+    """words[family]: one list for both families, or a table per family; `classes` distinct non-empty words each."""
     if isinstance(label_words, Mapping):
         unknown = sorted(set(label_words) - set(FAMILIES))
         if unknown or not label_words:
