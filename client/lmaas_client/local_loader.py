@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from lmaas_protocol.hf_models import config_family, dequantised
 from lmaas_protocol.model_source import (
     DEFAULT_CACHE_DIR,
     ModelSourceError,
@@ -41,8 +42,6 @@ def load_frozen(spec: str | None, device: str, dtype: str, cache_dir: str | Path
     torch = require_torch()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    from lmaas_protocol.hf_models import dequantised
-
     try:
         source = resolve_source(spec)
     except ModelSourceError as exc:
@@ -67,8 +66,6 @@ def load_frozen(spec: str | None, device: str, dtype: str, cache_dir: str | Path
 
 
 def _detect_family(config) -> Family:
-    from lmaas_protocol.hf_models import config_family
-
     family = config_family(config)
     if family is None:
         raise LocalModelError(f"model type {config.model_type!r} is neither a masked nor a causal language model")

@@ -3,9 +3,9 @@
 `model_source` decides where a model comes from with no ML library. The server and the client's local copy
 (prompt tuning, GDFO's student) also share two steps that do need transformers: de-quantising a GGUF file
 once into the cache folder both read, and telling a masked from a causal LM by its config. They live here
-so both sides run the same code. transformers and torch are imported inside the functions, so importing
-`lmaas_protocol` stays light; only callers that have them installed (the server, the client's optional
-`local` extra) call these.
+so both sides run the same code. They need the package's optional `hf` extra (torch, transformers, gguf),
+which the server and the client's `local` extra require; both are imported inside the functions, so
+importing `lmaas_protocol` (or this module) never loads them.
 """
 
 from __future__ import annotations
