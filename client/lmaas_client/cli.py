@@ -67,6 +67,11 @@ def tune(
     placement: Annotated[str, typer.Option(help="prefix (as the papers) or suffix (after the text).")] = "prefix",
     eval_every: Annotated[int, typer.Option(min=1, help="Calls between dev evaluations.")] = 100,
     test_size: TestSize = None,
+    test_at: Annotated[
+        Optional[str],
+        typer.Option(help="Learning curve on test: call counts (e.g. 100,200,500) at which the prompt selected so "
+                     "far is scored on the test set, as a run with that budget would end (costs test calls)."),
+    ] = None,  # fmt: skip
     data_dir: DataDir = None,
     popsize: Annotated[Optional[int], typer.Option(help="Shortcut for -o popsize=N.")] = None,
     prompt_length: Annotated[Optional[int], typer.Option(help="Shortcut for -o prompt_length=N.")] = None,
@@ -108,7 +113,7 @@ def tune(
             task = _task_reference(task, out, train, dev, test, text_a, text_b, label_column, label_name, label_word,
                                    template, metric)  # fmt: skip
         config = RunConfig(task, method, budget, seed, placement, eval_every, _test_size(test_size),  # type: ignore[arg-type]
-                           str(data_dir) if data_dir else None, options)  # fmt: skip
+                           str(data_dir) if data_dir else None, options, _call_counts(test_at))  # fmt: skip
     with _errors(), LMaaSClient(server, api_key=api_key) as client:
         spec = resolve_task(config.task)
         tuner = make_tuner(config.method, client.model_info(), **config.options)
@@ -197,6 +202,15 @@ def _test_size(value: str | None) -> int | str | None:
     if not value.isdigit() or int(value) < 1:
         raise typer.BadParameter(f"must be a positive number or 'full', got {value!r}", param_hint="--test-size")
     return int(value)
+
+
+def _call_counts(value: str | None) -> list[int]:
+    if not value:
+        return []
+    parts = [p.strip() for p in value.split(",")]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise typer.BadParameter(f"must be positive call counts separated by commas, got {value!r}", param_hint="--test-at")
+    return sorted({int(p) for p in parts})
 
 
 def _parse_options(pairs: list[str]) -> dict[str, Any]:

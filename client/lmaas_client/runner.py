@@ -41,6 +41,10 @@ class RunConfig:
     test_size: TestSize = None  # None: the task's quick subsample (full for small sets); "full"; or N examples
     data_dir: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    # Learning curve on test: at the first generation that reaches each of these call counts, the run does
+    # what a run with that budget would do at its end (a final dev evaluation, then the selected prompt on
+    # test) and records the score in the curve; the test calls count as eval_calls.
+    test_at: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -123,10 +127,13 @@ def run_tuning(
         if state.manual_test is None:
             progress(f"scoring the manual prompt on {len(test)} test examples")
             state.manual_test = _counted(scorer, state, lambda: scorer.score(test, [NO_PROMPT])[0].metric)
-        search(scorer, tuner, train, selection, state, config, out_dir, progress, start)
+        search(scorer, tuner, train, selection, state, config, out_dir, progress, start, test)
         chosen = (selection.best or tuner.best or NO_PROMPT).materialized()  # portable, self-contained
+        last = state.curve[-1] if state.curve else {}
         if chosen.empty and state.manual_test is not None:  # the manual prompt again: already scored
             test_score = state.manual_test
+        elif last.get("calls") == state.calls and last.get("test_score") is not None:  # scored at a --test-at point
+            test_score = last["test_score"]
         else:
             progress(f"scoring the selected prompt on {len(test)} test examples")
             test_score = _counted(scorer, state, lambda: scorer.score(test, [chosen])[0].metric)
@@ -148,9 +155,10 @@ def run_tuning(
 
 
 def search(
-    scorer, tuner: Tuner, train, selection, state: RunState, config: RunConfig, out_dir, progress, start
+    scorer, tuner: Tuner, train, selection, state: RunState, config: RunConfig, out_dir, progress, start, test=()
 ) -> None:
     """ask -> score on train (one call per candidate) -> tell, until the budget is spent."""
+    pending_tests = sorted(p for p in set(config.test_at) if p > state.calls)
     per_candidate = scorer.calls_per_candidate(len(train))  # > 1 only if train exceeds the server's max_examples
     while tuner.black_box and state.calls + per_candidate <= config.budget:
         candidates = tuner.ask()
@@ -164,11 +172,16 @@ def search(
         if len(scored) == len(candidates):
             tuner.tell(losses, [r.logits for r in results])
         before = scorer.calls
-        selection.maybe_evaluate(tuner.best, state.calls, final=state.calls + per_candidate > config.budget)
+        test_now = bool(pending_tests) and state.calls >= pending_tests[0]
+        final = test_now or state.calls + per_candidate > config.budget
+        selection.maybe_evaluate(tuner.best, state.calls, final=final)
+        point = {"calls": state.calls, "best_train_loss": tuner.best_loss, "dev_score": selection.best_score}
+        if test_now:
+            pending_tests = [p for p in pending_tests if p > state.calls]
+            chosen = (selection.best or tuner.best or NO_PROMPT).materialized()
+            point["test_score"] = scorer.score(test, [chosen])[0].metric
         state.eval_calls += scorer.calls - before
-        state.curve.append(
-            {"calls": state.calls, "best_train_loss": tuner.best_loss, "dev_score": selection.best_score}
-        )
+        state.curve.append(point)
         if out_dir is not None:
             save_checkpoint(out_dir, tuner, selection, state, start)
         progress()

@@ -237,3 +237,25 @@ def test_cli_budget_exhausted_exit_code(live_server, tmp_path):
                      "--prompt-length", "2", "--intrinsic-dim", "8", "--test-size", "16", "--data-dir", DATA)  # fmt: skip
     assert_clean_failure(result, "budget exhausted")
     assert result.exit_code == 3
+
+
+def test_test_at_records_a_learning_curve_on_test(live_server):
+    """--test-at: the selected prompt is scored on test where the curve reaches each call count; charged as eval."""
+    with live_server("llama", budget=1000) as server, LMaaSClient(server.url) as client:
+        config = RunConfig(task="sst2", method="bbt", budget=9, seed=42, eval_every=100, test_size=16, data_dir=DATA,
+                           options={**TINY, "seed": 42}, test_at=[2, 6, 9])  # fmt: skip
+        tuner = make_tuner("bbt", client.model_info(), **config.options)
+        result = run_tuning(client, get_task("sst2"), tuner, config)
+        used = server.server.config.app.state.budget.used
+    tested = [(p["calls"], p.get("test_score")) for p in result.curve]
+    assert [calls for calls, _ in tested] == [3, 6, 9]
+    assert all(score is not None and score * 16 == round(score * 16) for _, score in tested)  # 2 -> first gen (3)
+    assert all(p["dev_score"] is not None for p in result.curve)  # each test point ends like a run of that budget
+    assert result.test_acc == tested[-1][1]  # the last point is the final test: not scored twice
+    # manual test + 3 dev evaluations + 3 test scorings (one call each on 16 examples); nothing more
+    assert result.eval_calls == 7 and used == result.calls_used + result.eval_calls
+
+
+def test_cli_test_at_must_be_call_counts(tmp_path):
+    result = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "run"), "--test-at", "100,x"])
+    assert result.exit_code != 0 and "--test-at" in result.output
