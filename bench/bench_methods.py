@@ -51,6 +51,8 @@ def run_one(url: str, task: str, method: str, seed: int, args, out: Path, extra:
                "--budget", str(args.budget), "--seed", str(seed), "--out", str(out),
                "--placement", "prefix" if method in PREFIX_METHODS else "suffix",
                "--test-size", str(args.test_size), "--eval-every", str(args.eval_every)]  # fmt: skip
+    if args.test_at:
+        command += ["--test-at", args.test_at]
     for key, value in options.items():
         command += ["-o", f"{key}={value}"]
     if (out / "checkpoint.pkl").exists():
@@ -135,6 +137,7 @@ def main() -> None:
     go.add_argument("--budget", type=int, default=100)
     go.add_argument("--test-size", default="100")
     go.add_argument("--eval-every", type=int, default=25)
+    go.add_argument("--test-at", help="call counts at which the selected prompt is scored on test (a curve)")
     go.add_argument("--server", help="an already running server (default: start one here)")
     go.add_argument("--model", help="served model (default: the offline SmolLM2-135M-Instruct)")
     go.add_argument("--options", help='JSON: extra options per method, e.g. {"gdfo": {"student": null}}')
