@@ -50,7 +50,9 @@ def run_one(url: str, task: str, method: str, seed: int, args, out: Path, extra:
     command = [str(BIN / "lmaas"), "tune", "--server", url, "--task", task, "--method", method,
                "--budget", str(args.budget), "--seed", str(seed), "--out", str(out),
                "--placement", "prefix" if method in PREFIX_METHODS else "suffix",
-               "--test-size", str(args.test_size), "--eval-every", str(args.eval_every)]  # fmt: skip
+               "--eval-every", str(args.eval_every)]  # fmt: skip
+    if args.test_size != "default":  # default: the task's own (full, or AG News' and SNLI's fixed 1,000)
+        command += ["--test-size", str(args.test_size)]
     if args.test_at:
         command += ["--test-at", args.test_at]
     for key, value in options.items():
@@ -135,7 +137,7 @@ def main() -> None:
     go.add_argument("--seeds", default="13,42,100")
     go.add_argument("--methods", default="manual,icl,bbt,bbtv2,dept,bdpl,prompt-tuning")
     go.add_argument("--budget", type=int, default=100)
-    go.add_argument("--test-size", default="100")
+    go.add_argument("--test-size", default="100", help="N, full, or default (the task's own test set)")
     go.add_argument("--eval-every", type=int, default=25)
     go.add_argument("--test-at", help="call counts at which the selected prompt is scored on test (a curve)")
     go.add_argument("--server", help="an already running server (default: start one here)")
