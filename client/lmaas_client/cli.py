@@ -69,9 +69,11 @@ def tune(
     test_size: TestSize = None,
     test_at: Annotated[
         Optional[str],
-        typer.Option(help="Learning curve on test: call counts (e.g. 100,200,500) at which the prompt selected so "
-                     "far is scored on the test set, as a run with that budget would end (costs test calls)."),
-    ] = None,  # fmt: skip
+        typer.Option(
+            help="Learning curve on test: call counts (e.g. 100,200,500) at which the prompt selected so far is "
+            "scored on the test set, as a run with that budget would end (costs test calls)."
+        ),
+    ] = None,
     data_dir: DataDir = None,
     popsize: Annotated[Optional[int], typer.Option(help="Shortcut for -o popsize=N.")] = None,
     prompt_length: Annotated[Optional[int], typer.Option(help="Shortcut for -o prompt_length=N.")] = None,
@@ -209,7 +211,9 @@ def _call_counts(value: str | None) -> list[int]:
         return []
     parts = [p.strip() for p in value.split(",")]
     if not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise typer.BadParameter(f"must be positive call counts separated by commas, got {value!r}", param_hint="--test-at")
+        raise typer.BadParameter(
+            f"must be positive call counts separated by commas, got {value!r}", param_hint="--test-at"
+        )
     return sorted({int(p) for p in parts})
 
 

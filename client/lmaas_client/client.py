@@ -1,17 +1,24 @@
 """`LMaaSClient`: typed access to an lmaas server over HTTP, with timeouts, retries and idempotency keys.
 
-Retries cover connection failures, timeouts, 429 and 5xx, with exponential backoff and jitter (honouring
-Retry-After). Every evaluation carries one Idempotency-Key, reused on its retries, so a retried request
-is charged once by servers that meter. Bad requests (4xx) and an exhausted budget (402) are never retried.
+Retries cover connection failures, timeouts, 408, 409 (the first attempt of this Idempotency-Key is still
+running on the server), 429 and 5xx, with exponential backoff and jitter, honouring Retry-After (seconds or
+an HTTP date). They go on for a time window (`retry_window`, default 120 s, `LMAAS_RETRY_WINDOW_S`) that
+outlasts a server restart, so a restarted or briefly unreachable server does not end a tuning run. Every
+evaluation carries one Idempotency-Key, reused on its retries, so a retried request is charged once by
+servers that meter. Bad requests (400/413/422), missing or refused keys (401/403), an exhausted budget (402)
+and unknown resources (404/410) are never retried.
 """
 
 from __future__ import annotations
 
+import email.utils
 import logging
+import os
 import random
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Literal, TypeVar
 
 import httpx
@@ -39,13 +46,16 @@ from lmaas_protocol import (
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+SERVER_ENV, API_KEY_ENV, RETRY_WINDOW_ENV = "LMAAS_SERVER", "LMAAS_API_KEY", "LMAAS_RETRY_WINDOW_S"
 # A population of 20 candidates over 32 examples takes ~80 s on a 2-core CPU; test sets take longer.
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
-DEFAULT_MAX_RETRIES = 4
+# Retries continue for this long after the first failure of a request: a server restart takes ~8 s on a
+# CPU with a cached model and ~40 s for a container with a fresh volume, so two minutes ride one out.
+DEFAULT_RETRY_WINDOW = 120.0
 INITIAL_RETRY_DELAY = 0.5  # seconds; doubles per retry
 MAX_RETRY_DELAY = 20.0
 RETRY_JITTER = 0.25  # up to 25 % shorter, so clients that failed together do not retry together
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 ResponseT = TypeVar("ResponseT", bound=BaseModel)
 
@@ -53,18 +63,28 @@ ResponseT = TypeVar("ResponseT", bound=BaseModel)
 class LMaaSClient:
     def __init__(
         self,
-        base_url: str = DEFAULT_BASE_URL,
+        base_url: str | None = None,
         *,
         api_key: str | None = None,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
-        max_retries: int = DEFAULT_MAX_RETRIES,
+        max_retries: int | None = None,
+        retry_window: float | None = None,
         http_client: httpx.Client | None = None,
         wire: Literal["bundle", "json"] = "bundle",
     ):
-        if max_retries < 0:
+        """`base_url`, `api_key` and `retry_window` default to $LMAAS_SERVER, $LMAAS_API_KEY and
+        $LMAAS_RETRY_WINDOW_S (then to the local server, no key, 120 s). Retries stop when the window is over
+        or after `max_retries` retries (None: the window alone bounds them)."""
+        if max_retries is not None and max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        self.base_url = base_url.rstrip("/")
+        if retry_window is None:
+            retry_window = float(os.environ.get(RETRY_WINDOW_ENV, DEFAULT_RETRY_WINDOW))
+        if retry_window < 0:
+            raise ValueError(f"retry_window must be >= 0 seconds, got {retry_window}")
+        self.base_url = (base_url or os.environ.get(SERVER_ENV) or DEFAULT_BASE_URL).rstrip("/")
         self.max_retries = max_retries
+        self.retry_window = retry_window
+        api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # A caller's own httpx.Client (proxies, TLS, transports) still gets our URL, key and timeout.
         self._http = http_client or httpx.Client()
@@ -147,34 +167,36 @@ class LMaaSClient:
         if body is not None:
             content = encode_bundle(body) if bundle else body.model_dump_json(exclude_none=True).encode()
         url = f"{self.base_url}{API_PREFIX}{path}"
-        for attempt in range(self.max_retries + 1):
-            last = attempt == self.max_retries
+        deadline = time.monotonic() + self.retry_window
+        attempt = 0
+        while True:
             try:
                 response = self._http.request(method, url, content=content, headers=headers, timeout=self._timeout)
             except httpx.TimeoutException as exc:
-                if last:
-                    raise errors.APITimeoutError(f"{method} {url} timed out: {exc}") from exc
-                self._sleep(attempt, None, f"timeout ({exc})")
-                continue
+                error: errors.LMaaSError = errors.APITimeoutError(f"{method} {url} timed out: {exc}")
+                retry_after = None
             except httpx.TransportError as exc:
-                if last:
-                    raise errors.APIConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
-                self._sleep(attempt, None, f"connection error ({exc})")
-                continue
-            if response.is_success:
-                return None if response_model is None else _parse(response, response_model)
-            error = _status_error(response)
-            if last or response.status_code not in RETRYABLE_STATUS:
+                error, retry_after = errors.APIConnectionError(f"cannot reach {self.base_url}: {exc}"), None
+            else:
+                if response.is_success:
+                    return None if response_model is None else _parse(response, response_model)
+                error = _status_error(response)
+                if response.status_code not in RETRYABLE_STATUS:
+                    raise error
+                retry_after = error.retry_after
+            delay = self._delay(attempt, retry_after)
+            if (self.max_retries is not None and attempt >= self.max_retries) or time.monotonic() + delay > deadline:
                 raise error
-            self._sleep(attempt, error.retry_after, str(error))
-        raise AssertionError("unreachable")
+            log.warning("retrying in %.1fs after %s", delay, error)
+            time.sleep(delay)
+            attempt += 1
 
-    def _sleep(self, attempt: int, retry_after: float | None, reason: str) -> None:
-        delay = min(INITIAL_RETRY_DELAY * 2**attempt, MAX_RETRY_DELAY) * (1 - RETRY_JITTER * random.random())
-        if retry_after is not None:
-            delay = min(max(retry_after, 0.0), MAX_RETRY_DELAY * 3)
-        log.warning("retrying in %.1fs after %s", delay, reason)
-        time.sleep(delay)
+    @staticmethod
+    def _delay(attempt: int, retry_after: float | None) -> float:
+        """Retry-After when the server gave one, else exponential backoff with jitter."""
+        if retry_after is not None:  # the server knows best; one beyond the retry window ends the retries
+            return max(retry_after, 0.0)
+        return min(INITIAL_RETRY_DELAY * 2**attempt, MAX_RETRY_DELAY) * (1 - RETRY_JITTER * random.random())
 
 
 def _parse(response: httpx.Response, model: type[ResponseT]) -> ResponseT:
@@ -206,7 +228,17 @@ def _status_error(response: httpx.Response) -> errors.APIStatusError:
 
 
 def _retry_after(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
+    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date (RFC 9110); None if absent or bad."""
+    if value is None:
         return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:  # an HTTP date is GMT by definition
+        moment = moment.replace(tzinfo=UTC)
+    return max((moment - datetime.now(UTC)).total_seconds(), 0.0)

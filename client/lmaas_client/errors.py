@@ -3,7 +3,8 @@
 LMaaSError
 ├── APIConnectionError          the server could not be reached (retried)
 │   └── APITimeoutError         no answer within the timeout (retried)
-└── APIStatusError              the server answered with an error (has .status, .code, .param)
+└── APIStatusError              the server answered with an error (has .status, .code, .param);
+    │                           408 and 409 (the same Idempotency-Key still running) are retried
     ├── BadRequestError         400/422: fix the request; never retried
     ├── AuthenticationError     401
     ├── PermissionDeniedError   403

@@ -4,9 +4,11 @@ requests (503/429/dropped connections/stalls) before handing over to the real ap
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import numpy as np
@@ -15,7 +17,6 @@ import pytest
 import lmaas_client.client as client_module
 from lmaas_client import (
     APIConnectionError,
-    APIStatusError,
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
@@ -257,13 +258,12 @@ def test_scripted_402_is_not_retried(front):
         (401, AuthenticationError),
         (403, PermissionDeniedError),
         (404, NotFoundError),
-        (409, APIStatusError),
         (410, NotFoundError),
         (413, PayloadTooLargeError),
         (422, BadRequestError),
     ],
 )
-def test_4xx_are_never_retried(front, code, error_class):
+def test_4xx_other_than_408_409_429_are_never_retried(front, code, error_class):
     app, url = front(always=status(code))
     with LMaaSClient(url, max_retries=3) as client, pytest.raises(error_class) as caught:
         client.health()
@@ -420,3 +420,54 @@ def test_client_package_never_imports_torch():
             "print(heavy); sys.exit(1 if heavy else 0)")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_409_in_flight_is_retried_with_the_same_key_after_retry_after(front):
+    """A retry that finds its first attempt still running gets 409 + Retry-After: wait, ask again, same key."""
+    conflict = ErrorDetail(code=ErrorCode.CONFLICT, message="still in flight")
+    app, url = front()
+    with LMaaSClient(url) as client:
+        request = evaluate_request(client)
+        app.arm(status(409, headers={"Retry-After": "0"}, error=conflict), status(409, error=conflict))
+        response = client.evaluate(request)
+    keys = app.keys()
+    assert len(keys) == 3 and len(set(keys)) == 1 and keys[0]
+    assert response.usage.calls == 1
+
+
+def test_retry_after_as_an_http_date(front, monkeypatch):
+    monkeypatch.setattr(client_module, "INITIAL_RETRY_DELAY", 5.0)  # the date, not the backoff, sets the wait
+    when = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=1.2), usegmt=True)
+    app, url = front(status(503, headers={"Retry-After": when}))
+    with LMaaSClient(url) as client:
+        assert client.health().status == "ok"
+    gap = app.seen[1].at - app.seen[0].at
+    assert 0.1 <= gap <= 2.5  # whole-second dates: between 0.2 and 1.2 s from now
+    assert client_module._retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a past date: at once
+    assert client_module._retry_after("soon") is None
+
+
+def test_retries_ride_out_a_restart_within_the_window(front, monkeypatch):
+    """Retries go on for the retry window (not a fixed count): a server that is away for ~1 s is waited for."""
+    monkeypatch.setattr(client_module, "INITIAL_RETRY_DELAY", 0.05)
+    monkeypatch.setattr(client_module, "MAX_RETRY_DELAY", 0.2)
+    app, url = front(*[drop()] * 8)  # about 8 x 0.15 s of a server that hangs up
+    with LMaaSClient(url, retry_window=10) as client:
+        assert client.health().status == "ok"
+    assert len(app.seen) == 9
+    app, url = front(*[drop()] * 8)
+    with LMaaSClient(url, retry_window=0.3) as client, pytest.raises(APIConnectionError):
+        client.health()  # a short window gives up first
+    assert 1 < len(app.seen) < 9
+
+
+def test_client_reads_server_key_and_window_from_the_environment(front, monkeypatch):
+    app, url = front()
+    monkeypatch.setenv("LMAAS_SERVER", url)
+    monkeypatch.setenv("LMAAS_API_KEY", "sk-env")
+    monkeypatch.setenv("LMAAS_RETRY_WINDOW_S", "7.5")
+    with LMaaSClient() as client:
+        assert client.health().status == "ok" and client.retry_window == 7.5
+    assert app.seen[0].headers.get("authorization") == "Bearer sk-env"
+    with pytest.raises(ValueError, match="retry_window"):
+        LMaaSClient(url, retry_window=-1)

@@ -33,6 +33,7 @@ def fast_retries(monkeypatch):
     monkeypatch.setattr(client_module, "INITIAL_RETRY_DELAY", 0.001)
     monkeypatch.setattr(client_module, "MAX_RETRY_DELAY", 0.01)
     monkeypatch.setenv("LMAAS_NO_PROGRESS", "1")
+    monkeypatch.setenv("LMAAS_RETRY_WINDOW_S", "1")  # an unreachable server fails in a second, not two minutes
     for name in ("LMAAS_SERVER", "LMAAS_API_KEY", "LMAAS_DATA_DIR"):
         monkeypatch.delenv(name, raising=False)
 
