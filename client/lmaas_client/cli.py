@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -242,7 +243,7 @@ class _errors:
         if isinstance(exc, BudgetExhaustedError):
             console.print(f"[red]budget exhausted:[/] {exc}")
             raise typer.Exit(EXIT_BUDGET)
-        if isinstance(exc, (LMaaSError, TaskError, ValidationError, ValueError, OSError)):
+        if isinstance(exc, (LMaaSError, TaskError, ValidationError, ValueError, OSError, pickle.UnpicklingError)):
             console.print(f"[red]error:[/] {_describe(exc)}")
             raise typer.Exit(EXIT_ERROR)
         return False
