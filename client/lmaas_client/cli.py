@@ -17,10 +17,12 @@ from lmaas_client.client import DEFAULT_BASE_URL, LMaaSClient
 from lmaas_client.data import load_split, load_test
 from lmaas_client.errors import BudgetExhaustedError, LMaaSError
 from lmaas_client.evaluation import TaskScorer
+from lmaas_client.predict import OutputFile, Predictor, predict_file
 from lmaas_client.prompt_io import load_prompt
 from lmaas_client.runner import Progress as RunProgress
 from lmaas_client.runner import RunConfig, read_run_config, run_tuning, write_run_config
 from lmaas_client.task_files import is_task_file, resolve_task, save_task_file, user_task
+from lmaas_client.task_readers import read_rows
 from lmaas_client.tasks import TASKS, TaskError
 from lmaas_client.tuners import TUNERS, make_tuner
 
@@ -172,6 +174,36 @@ def evaluate(
     typer.echo(json.dumps(report, indent=2))
 
 
+@app.command()
+def predict(
+    prompt: Annotated[Path, typer.Option(help="A prompt.npz written by `lmaas tune`.")],
+    input: Annotated[Path, typer.Option("--input", help="Texts to classify: CSV, TSV or JSONL.")],
+    out: Annotated[Path, typer.Option(help="Predictions: .jsonl or .csv (continued if it exists).")],
+    server: Server = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+    text_a: Annotated[str, typer.Option(help="Column of the (first) text.")] = "text_a",
+    text_b: Annotated[Optional[str], typer.Option(help="Column of the second text (pairs).")] = None,
+    label_column: Annotated[str, typer.Option(help="Column of gold labels, if the file has it (accuracy).")] = "label",
+    id_column: Annotated[str, typer.Option(help="Column of row ids, if the file has it [default: row number].")] = "id",
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Rows per request (one call each).")] = None,
+) -> None:
+    """Classify new texts with a tuned prompt: per row the label, class probabilities and id (resumable)."""
+    with _errors(), LMaaSClient(server, api_key=api_key) as client:
+        predictor = Predictor(client, prompt)
+        columns = {"text_a": text_a, "label": label_column, "id": id_column, **({"text_b": text_b} if text_b else {})}
+        rows = read_rows(input, columns, predictor.label_names, optional=("label", "id"))  # every check before a call
+        try:
+            with _rows_bar(len(rows)) as update:
+                summary = predict_file(predictor, rows, out, batch_size, on_batch=update)
+        except BudgetExhaustedError as exc:
+            written = len(OutputFile(out, predictor.label_names).finished_ids())
+            console.print(f"[red]budget exhausted:[/] {exc}; {written}/{len(rows)} rows are in {out}: top up the "
+                          "key and run the same command again to continue")  # fmt: skip
+            raise typer.Exit(EXIT_BUDGET) from None
+    accuracy = "" if summary.accuracy is None else f", accuracy {summary.accuracy:.4f}"
+    console.print(f"{summary.rows} rows classified into {out} ({summary.calls} calls{accuracy})")
+
+
 def UserTask(help: str):
     return typer.Option(help=help, rich_help_panel="Your own task (instead of a shipped one or a task file)")
 
@@ -283,6 +315,23 @@ class _progress_bar:
             return
         dev = f"{state.dev_score:.4f}" if state.dev_score is not None else "-"
         self.progress.update(self.task_id, completed=state.calls_used, loss=f"{state.best_train_loss:.4f}", dev=dev)
+
+
+class _rows_bar:
+    """A rich progress bar over rows classified."""
+
+    def __init__(self, total: int):
+        self.progress = Progress(TextColumn("[bold]classifying"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console,
+                                 disable=os.environ.get("LMAAS_NO_PROGRESS") == "1")  # fmt: skip
+        self.task_id = self.progress.add_task("predict", total=total)
+
+    def __enter__(self):
+        self.progress.start()
+        return lambda done: self.progress.update(self.task_id, completed=done)
+
+    def __exit__(self, *exc_info) -> None:
+        self.progress.stop()
 
 
 if __name__ == "__main__":
