@@ -52,6 +52,26 @@ def info(server: Server = DEFAULT_BASE_URL, api_key: ApiKey = None) -> None:
 
 
 @app.command()
+def usage(
+    server: Server = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the server's JSON answer.")] = False,
+) -> None:
+    """Show your key's budget, calls used and remaining, and its newest requests."""
+    with _errors(), LMaaSClient(server, api_key=api_key) as client:
+        report = client.usage()
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+        return
+    tokens = "" if report.token_budget is None else f"; tokens {report.tokens_used:,}/{report.token_budget:,}"
+    console.print(f"key {report.key_prefix} ({report.name}): {report.used:,}/{report.budget:,} calls used, "
+                  f"{report.remaining:,} left{tokens}")  # fmt: skip
+    for entry in report.recent[:10]:
+        console.print(f"  {entry.created_at:%Y-%m-%d %H:%M:%S}  {entry.endpoint:<12} {entry.calls:>4} calls  "
+                      f"{entry.status}")  # fmt: skip
+
+
+@app.command()
 def tune(
     out: Annotated[
         Path, typer.Option(help="Run folder: run.json, checkpoint.pkl (+ .blobs/), result.json, prompt.npz, curve.png.")
