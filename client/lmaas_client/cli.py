@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from lmaas_client.calibration import Calibration
 from lmaas_client.client import DEFAULT_BASE_URL, LMaaSClient
 from lmaas_client.data import load_split, load_test
 from lmaas_client.errors import BudgetExhaustedError, LMaaSError
@@ -188,9 +189,11 @@ def evaluate(
         else:
             examples = load_split(spec, split, split_seed, data_dir)  # type: ignore[arg-type]
         scorer = TaskScorer(client, spec, meta.get("placement", "prefix"))
-        scores = scorer.score(examples, [candidate])[0]
+        calibration = Calibration.from_json(meta["calibration"]) if meta.get("calibration") else None
+        scores = scorer.score(examples, [candidate], calibration=calibration)[0]
     report = {"task": spec.name, "split": split, "seed": split_seed, "examples": len(examples),
-              "metric": spec.metric, "score": scores.metric, "loss": scores.loss, "calls": scorer.calls}  # fmt: skip
+              "metric": spec.metric, "score": scores.metric, "loss": scores.loss, "calls": scorer.calls,
+              "calibrated": calibration is not None}  # fmt: skip
     typer.echo(json.dumps(report, indent=2))
 
 
