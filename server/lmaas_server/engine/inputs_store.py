@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lmaas_protocol import ErrorCode, FieldError, InputsSpec
-from lmaas_protocol.rendering import RenderedExample, TemplateRenderer
+from lmaas_runtime.prefix import PrefixKV
+from lmaas_runtime.rendering import RenderedExample, TemplateRenderer
+from lmaas_runtime.rows import Verbalizer
 from lmaas_server import metrics
 from lmaas_server.errors import APIError, InvalidRequest
-from lmaas_server.inference import Verbalizer
-from lmaas_server.prefix_cache import PrefixKV
 
 REMEMBERED_EVICTIONS = 4096
 
