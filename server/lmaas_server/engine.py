@@ -34,11 +34,11 @@ from lmaas_protocol.candidates import shape_of, spec_of
 from lmaas_protocol.rendering import TemplateRenderer
 from lmaas_protocol.templates import template_slots
 from lmaas_server import metrics, probes
-from lmaas_server.budget import Account
 from lmaas_server.config import Settings
 from lmaas_server.errors import APIError, InvalidRequest
 from lmaas_server.inference import Forward, Row, Verbalizer
 from lmaas_server.inputs_store import InputsStore, PreparedInputs, Variant
+from lmaas_server.metering.accounts import Account
 from lmaas_server.model_loading import LoadedModel, transformer_layers
 from lmaas_server.prefix_cache import compute_prefix, eligible
 from lmaas_server.prompts import CandidateDecoder, RowPrompt
@@ -165,8 +165,7 @@ class Engine:
             raise InvalidRequest(
                 "candidates", f"{tokens} tokens (examples x candidates) exceed {self.settings.max_tokens_per_request}"
             )
-        reservation = account.reserve(calls, tokens)  # before decoding: projections are work for paying callers
-        try:
+        with account.charge(calls, tokens) as charge:  # before decoding: projections are work for paying callers
             prompts = [self.decoder.decode(c, request.projections) for c in request.candidates]
             for i, prompt in enumerate(prompts):
                 if not prompt.finite():
@@ -179,16 +178,11 @@ class Engine:
                 if not np.isfinite(candidate_logits).all():
                     raise InvalidRequest(f"candidates.{i}", "the prompt drives the model to Inf or NaN logits")
             results = [self._result(candidate_logits, prepared.labels) for candidate_logits in logits]
-            usage = Usage(
-                calls=calls, examples=len(variant.rendered), tokens=tokens, budget_remaining=reservation.remaining
-            )
+            usage = Usage(calls=calls, examples=len(variant.rendered), tokens=tokens, budget_remaining=charge.remaining)
             response = EvaluateResponse(
                 request_id=request_id or uuid.uuid4().hex, model=self.loaded.name, results=results, usage=usage
             )
-            reservation.settle(response)  # before the response leaves: a completed request is never refunded
-        except BaseException:
-            reservation.refund()  # the caller gets an error and pays nothing
-            raise
+            charge.settle(response)
         return response
 
     def score(
@@ -213,17 +207,13 @@ class Engine:
         """layer_std on registered inputs, charged as one call."""
         prepared = self.inputs.get(request.inputs, owner)
         tokens = sum(len(e.ids) for e in prepared.variant(self.renderer, 0, 0).rendered)
-        reservation = account.reserve(1, tokens)
-        try:
+        with account.charge(1, tokens) as charge:
             values = self.layer_std(prepared)
             usage = Usage(
-                calls=1, examples=len(prepared.spec.examples), tokens=tokens, budget_remaining=reservation.remaining
+                calls=1, examples=len(prepared.spec.examples), tokens=tokens, budget_remaining=charge.remaining
             )
             response = LayerStdResponse(layer_std=values, usage=usage)
-            reservation.settle(response)
-        except BaseException:
-            reservation.refund()
-            raise
+            charge.settle(response)
         return response
 
     def _use_prefix(self, variant: Variant, prompts: list[RowPrompt], reused: bool) -> bool:

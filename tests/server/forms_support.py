@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from lmaas_protocol import Candidate, EvaluateRequest, Example, LowRankOffset, ProjectionSpec, Tensor
-from lmaas_server.budget import CallBudget
+from lmaas_server.metering.budget import CallBudget
 from lmaas_server.model_loading import transformer_layers
 from tests.support.tiny_models import CAUSAL_KINDS, HIDDEN, MASKED_KINDS
 

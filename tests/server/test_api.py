@@ -17,8 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lmaas_protocol import EvaluateRequest, ModelInfo
-from lmaas_server.budget import CallBudget
 from lmaas_server.main import create_app
+from lmaas_server.metering.budget import CallBudget
 from tests.conftest import LiveServer
 from tests.server.support import ERROR_KEYS, assert_error
 from tests.support.tiny_models import HIDDEN

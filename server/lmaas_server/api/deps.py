@@ -9,11 +9,11 @@ from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from lmaas_protocol import IDEMPOTENCY_HEADER, ErrorCode
-from lmaas_server.budget import CallBudget
 from lmaas_server.config import Settings
 from lmaas_server.engine import Engine
 from lmaas_server.errors import APIError, ModelNotReady
-from lmaas_server.metering.accounts import KeyAccount
+from lmaas_server.metering.accounts import Account, KeyAccount, Replayed
+from lmaas_server.metering.budget import CallBudget
 from lmaas_server.metering.meter import Key, Meter
 
 bearer = HTTPBearer(auto_error=False, description="An API key (`lmaas-server keys create`).")
@@ -61,6 +61,17 @@ def get_account(
     return KeyAccount(get_meter(request), key, endpoint, request.state.request_id, idempotency_key)
 
 
+def replay_first(account: Annotated[Account, Depends(get_account)]) -> Account:
+    """The caller's account, after answering a settled Idempotency-Key retry with its stored response.
+
+    The charge context replays too (on entry); asking first, before the body is parsed or checked, means a
+    replay never depends on the server's state now (a handle lost in a restart, a model reloaded)."""
+    stored = account.replay()
+    if stored is not None:
+        raise Replayed(stored)
+    return account
+
+
 def require_admin(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(admin_bearer)]
 ) -> None:
@@ -80,6 +91,6 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 MeterDep = Annotated[Meter, Depends(get_meter)]
 KeyDep = Annotated[Key | None, Depends(get_key)]
-AccountDep = Annotated[KeyAccount | CallBudget, Depends(get_account)]
+AccountDep = Annotated[Account, Depends(replay_first)]  # charged routes: replays answered first
 AdminDep = Depends(require_admin)
 RequestIdDep = Annotated[str, Depends(get_request_id)]

@@ -6,11 +6,12 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmaas_protocol import REQUEST_ID_HEADER, ErrorCode, ErrorDetail, ErrorResponse, error_message, error_param
 from lmaas_server.errors import APIError
+from lmaas_server.metering.accounts import Replayed
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,11 @@ def error_response(request: Request, error: APIError) -> JSONResponse:
 
 async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
     return error_response(request, exc)
+
+
+async def on_replay(request: Request, exc: Replayed) -> Response:
+    """The stored response of the first request with this Idempotency-Key, byte for byte; not charged."""
+    return Response(exc.body, media_type="application/json", headers={"Idempotent-Replayed": "true"})
 
 
 async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -67,6 +73,7 @@ async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(Replayed, on_replay)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)

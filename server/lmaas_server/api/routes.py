@@ -86,9 +86,6 @@ def delete_inputs(handle: str, engine: EngineDep, key: KeyDep) -> Response:
 async def evaluate(
     request: Request, engine: EngineDep, account: AccountDep, request_id: RequestIdDep
 ) -> EvaluateResponse:
-    replayed = await run_in_threadpool(account.replay)
-    if replayed is not None:
-        return Response(replayed, media_type="application/json", headers={"Idempotent-Replayed": "true"})
     body = await parse_body(request, EvaluateRequest)
     return await run_in_threadpool(engine.evaluate, body, account, request_id, account.owner)
 
@@ -100,9 +97,6 @@ async def evaluate(
     description="A retry with the same Idempotency-Key returns the first response and is not charged again.",
 )
 def layer_std(request: LayerStdRequest, engine: EngineDep, account: AccountDep) -> LayerStdResponse:
-    replayed = account.replay()
-    if replayed is not None:
-        return Response(replayed, media_type="application/json", headers={"Idempotent-Replayed": "true"})
     return engine.measure_layer_std(request, account, account.owner)
 
 

@@ -304,14 +304,14 @@ def test_start_sweeper_refunds_own_leftovers_at_once_and_close_stops_it(database
     restarted = database.meter("restarting", own_pool=True)
     restarted.start_sweeper()
     try:
-        assert restarted._sweeper.is_alive()
+        assert restarted.ledger._sweeper.is_alive()
         statuses = {row.request_id: row.status for row in database.ledger(key.prefix)}
         assert statuses == {"left-over": "refunded", "in-flight-elsewhere": "reserved"}
         assert database.assert_consistent(key.prefix).used == 2
     finally:
         restarted.close()
-    restarted._sweeper.join(timeout=5)
-    assert not restarted._sweeper.is_alive()
+    restarted.ledger._sweeper.join(timeout=5)
+    assert not restarted.ledger._sweeper.is_alive()
 
 
 # ----------------------------------------------------------------------------------------------- replays
