@@ -12,13 +12,13 @@ from fastapi.openapi.utils import get_openapi
 from lmaas_protocol import EvaluateRequest, InputsSpec, __version__
 from lmaas_server.api import admin, handlers
 from lmaas_server.api.bodies import component_schemas
+from lmaas_server.api.middleware import BodyLimitMiddleware, InternalErrorMiddleware, RequestContextMiddleware
 from lmaas_server.api.routes import router, service_router
 from lmaas_server.config import Settings
 from lmaas_server.engine import Engine
 from lmaas_server.metering.budget import CallBudget
 from lmaas_server.metering.meter import Meter, build_meter
 from lmaas_server.metrics import MetricsMiddleware
-from lmaas_server.middleware import BodyLimitMiddleware, InternalErrorMiddleware, RequestContextMiddleware
 from lmaas_server.model_loading import load_model
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: a request id on every request and response, and a hard cap on body size."""
+"""Pure ASGI middleware, the HTTP layer beside the routes: a request id on every request and response, a hard
+cap on body size, and 500s that keep the connection open."""
 
 from __future__ import annotations
 
