@@ -11,11 +11,11 @@ import logging
 import uuid
 
 import numpy as np
+import torch
 
 from lmaas_protocol import (
     Candidate,
     CandidateResult,
-    ErrorCode,
     EvaluateRequest,
     EvaluateResponse,
     InputsResponse,
@@ -34,8 +34,10 @@ from lmaas_protocol.candidates import shape_of, spec_of
 from lmaas_protocol.rendering import TemplateRenderer
 from lmaas_protocol.templates import template_slots
 from lmaas_server import metrics, probes
+from lmaas_server.bounds import check_bounds
 from lmaas_server.config import Settings
-from lmaas_server.errors import APIError, InvalidRequest
+from lmaas_server.deadline import Deadline
+from lmaas_server.errors import InvalidRequest
 from lmaas_server.inference import Forward, Row, Verbalizer
 from lmaas_server.inputs_store import InputsStore, PreparedInputs, Variant
 from lmaas_server.metering.accounts import Account
@@ -58,6 +60,7 @@ class Engine:
         self.renderer = TemplateRenderer(tokenizer, self.causal, self.max_length)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad_id or 0
+        self.dtype_max = float(torch.finfo(loaded.dtype).max)  # prompts must fit the model's dtype
         self.layers = transformer_layers(model)
         self.forward = Forward(model, self.layers, self.causal, self.pad_id)
         self.decoder = CandidateDecoder(loaded.device, loaded.dtype, settings.projection_cache_bytes)
@@ -165,15 +168,17 @@ class Engine:
             raise InvalidRequest(
                 "candidates", f"{tokens} tokens (examples x candidates) exceed {self.settings.max_tokens_per_request}"
             )
-        with account.charge(calls, tokens) as charge:  # before decoding: projections are work for paying callers
+        deadline = Deadline(self.settings.request_timeout_s)  # covers projections and forward passes
+        with account.charge(calls, tokens) as charge, deadline.active():  # projections are paid work: after it
             prompts = [self.decoder.decode(c, request.projections) for c in request.candidates]
+            charge.work_done()  # from here an error in the request is charged (see ChargeContext.work_done)
             for i, prompt in enumerate(prompts):
                 if not prompt.finite():
                     raise InvalidRequest(
                         f"candidates.{i}", "the prompt's values overflow to Inf or NaN once projected or multiplied"
                     )
             use_prefix = self._use_prefix(variant, prompts, reused=request.inputs is not None)
-            logits = self.score(prepared, variant, prompts, use_prefix)
+            logits = self.score(prepared, variant, prompts, use_prefix, deadline)
             for i, candidate_logits in enumerate(logits):
                 if not np.isfinite(candidate_logits).all():
                     raise InvalidRequest(f"candidates.{i}", "the prompt drives the model to Inf or NaN logits")
@@ -186,14 +191,20 @@ class Engine:
         return response
 
     def score(
-        self, prepared: PreparedInputs, variant: Variant, prompts: list[RowPrompt], use_prefix: bool
+        self,
+        prepared: PreparedInputs,
+        variant: Variant,
+        prompts: list[RowPrompt],
+        use_prefix: bool,
+        deadline: Deadline | None = None,
     ) -> np.ndarray:
         """Class logits [candidates, examples, classes], computed on the scheduler's worker thread."""
+        deadline = deadline or Deadline(self.settings.request_timeout_s)
         logits = np.empty((len(prompts), len(variant.rendered), len(prepared.spec.verbalizer)), dtype=np.float32)
         job = Job(lambda: self._rows(prepared, variant, prompts, logits, use_prefix))
-        if not self.scheduler.run(job, timeout=self.settings.request_timeout_s):
-            message = f"the request took longer than {self.settings.request_timeout_s:g} s; nothing was charged"
-            raise APIError(ErrorCode.TIMEOUT, message)
+        with deadline.watching(job):  # a SIGTERM wakes this wait and cancels the job's rows
+            finished = self.scheduler.run(job, timeout=deadline.left())
+        deadline.after_wait(finished)  # 503 when stopping, 504 when the time ran out
         return logits
 
     def layer_std(self, prepared: PreparedInputs) -> list[float]:
@@ -292,6 +303,7 @@ class Engine:
                 raise InvalidRequest(
                     f"{param}.{name}.projection", f"d * prod(shape) exceeds {s.max_projection_elements}"
                 )
+        check_bounds(candidate, param, projections, self.dtype_max)  # overflow found before any work
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         for j, token in enumerate(ids):

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lmaas_protocol import Candidate, Projected, ProjectionSpec, Tensor, materialize
+from lmaas_protocol import Candidate, Projected, ProjectionSpec, Tensor
 from lmaas_protocol.candidates import spec_of
 from lmaas_server import metrics
+from lmaas_server.deadline import materialize  # the protocol's, within the request's deadline
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ class ErrorCode(StrEnum):
     MODEL_NOT_READY = "model_not_ready"  # still loading; retryable
     INTERNAL_ERROR = "internal_error"  # nothing was charged
     TIMEOUT = "timeout"  # the request ran past the server's request timeout; nothing was charged
+    SHUTTING_DOWN = "shutting_down"  # the server is stopping; retry (another replica, or after the restart)
 
 
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -33,4 +34,5 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.MODEL_NOT_READY: 503,
     ErrorCode.INTERNAL_ERROR: 500,
     ErrorCode.TIMEOUT: 504,
+    ErrorCode.SHUTTING_DOWN: 503,
 }

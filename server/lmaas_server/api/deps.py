@@ -68,7 +68,7 @@ def replay_first(account: Annotated[Account, Depends(get_account)]) -> Account:
     replay never depends on the server's state now (a handle lost in a restart, a model reloaded)."""
     stored = account.replay()
     if stored is not None:
-        raise Replayed(stored)
+        raise Replayed(stored.body, stored.status)
     return account
 
 

@@ -22,22 +22,24 @@ from typing import Protocol
 from pydantic import BaseModel
 
 from lmaas_server import metrics
-from lmaas_server.metering.ledger import Charge
+from lmaas_server.errors import APIError
+from lmaas_server.metering.ledger import Charge, Stored
 from lmaas_server.metering.meter import Key, Meter
 
 
 class Replayed(Exception):  # not an error: the stored answer of an earlier identical request
     """Raised on entering a charge whose Idempotency-Key was settled before: answer with `body`, charge nothing."""
 
-    def __init__(self, body: bytes):
+    def __init__(self, body: bytes, status: int = 200):
         super().__init__("idempotent replay")
         self.body = body
+        self.status = status
 
 
 class Reservation(Protocol):
     remaining: int | None  # calls left after this reservation (None: unlimited)
 
-    def settle(self, body: bytes | None) -> None: ...
+    def settle(self, body: bytes | None, http_status: int = 200) -> None: ...
 
     def refund(self) -> None: ...
 
@@ -45,8 +47,9 @@ class Reservation(Protocol):
 class Account(Protocol):
     owner: str | None  # whose registered inputs this request may use (None: shared, a server without keys)
     keeps_responses: bool  # settled responses are stored for Idempotency-Key replays
+    request_id: str | None  # named in the stored body of a charged error
 
-    def replay(self) -> bytes | None: ...
+    def replay(self) -> Stored | None: ...
 
     def reserve(self, calls: int, tokens: int) -> Reservation: ...
 
@@ -62,6 +65,7 @@ class ChargeContext:
         self.tokens = tokens
         self.reservation: Reservation | None = None
         self.settled = False
+        self.paid = False  # set by `work_done`: from then on a request error is charged, not refunded
 
     @property
     def remaining(self) -> int | None:
@@ -71,14 +75,23 @@ class ChargeContext:
     def __enter__(self) -> ChargeContext:
         stored = self.account.replay()
         if stored is not None:
-            raise Replayed(stored)
+            raise Replayed(stored.body, stored.status)
         self.reservation = self.account.reserve(self.calls, self.tokens)
         return self
 
     def settle(self, response: BaseModel) -> None:
         """Charge for good, before the response leaves: a completed request is never refunded."""
         body = response.model_dump_json().encode() if self.account.keeps_responses else None
-        self.reservation.settle(body)
+        self._settle(body, 200)
+
+    def work_done(self) -> None:
+        """The server did the paid work (projections materialized, forward passes run): an error in the
+        caller's input found after this point (422, e.g. a prompt driving the model to NaN) is charged;
+        timeouts, shutdowns and server errors are still refunded."""
+        self.paid = True
+
+    def _settle(self, body: bytes | None, http_status: int) -> None:
+        self.reservation.settle(body, http_status)
         self.settled = True
         metrics.CALLS.inc(self.calls)
         metrics.TOKENS.inc(self.tokens)
@@ -86,7 +99,12 @@ class ChargeContext:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        if not self.settled:
+        if self.settled:
+            return
+        if self.paid and isinstance(error, APIError) and error.status == 422:
+            body = error.body(self.account.request_id).model_dump_json().encode()  # replayed as it was
+            self._settle(body if self.account.keeps_responses else None, error.status)
+        else:
             self.reservation.refund()  # the caller gets an error (or nothing) and pays nothing
 
 
@@ -95,8 +113,8 @@ class KeyReservation:
         self.charge = charge
         self.remaining = charge.remaining
 
-    def settle(self, body: bytes | None) -> None:
-        self.charge.settle(body)
+    def settle(self, body: bytes | None, http_status: int = 200) -> None:
+        self.charge.settle(body, http_status)
 
     def refund(self) -> None:
         self.charge.refund()
@@ -121,8 +139,8 @@ class KeyAccount:
     def charge(self, calls: int, tokens: int) -> ChargeContext:
         return ChargeContext(self, calls, tokens)
 
-    def replay(self) -> bytes | None:
-        return self.meter.replay(self.key, self.idempotency_key, self.endpoint)
+    def replay(self) -> Stored | None:
+        return self.meter.ledger.find(self.key, self.idempotency_key, self.endpoint)
 
     def reserve(self, calls: int, tokens: int) -> KeyReservation:
         charge = self.meter.reserve(self.key, calls, tokens, self.endpoint, self.request_id, self.idempotency_key)

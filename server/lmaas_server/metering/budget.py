@@ -18,7 +18,7 @@ class _MemoryReservation:
         self.calls = calls
         self.remaining = budget.remaining
 
-    def settle(self, body: bytes | None) -> None:
+    def settle(self, body: bytes | None, http_status: int = 200) -> None:
         pass  # already counted by the reservation
 
     def refund(self) -> None:
@@ -28,6 +28,7 @@ class _MemoryReservation:
 class CallBudget:
     owner = None  # registered inputs are shared in a server without keys
     keeps_responses = False
+    request_id = None
 
     def __init__(self, limit: int | None):
         self.limit = limit  # None: unlimited
@@ -52,5 +53,5 @@ class CallBudget:
         with self._lock:
             self.used -= calls
 
-    def replay(self) -> bytes | None:
+    def replay(self) -> None:
         return None  # no ledger without keys, so no Idempotency-Key replays

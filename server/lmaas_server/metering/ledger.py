@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 SWEEP_EVERY_S = 60.0
 
 
+@dataclass(frozen=True)
+class Stored:
+    """What a settled request answered: its body (None when it had no Idempotency-Key) and HTTP status."""
+
+    body: bytes | None
+    status: int
+
+
 def in_flight() -> APIError:
     return APIError(ErrorCode.CONFLICT, "a request with this Idempotency-Key is still in flight; retry",
                     headers={"Retry-After": "1"})  # fmt: skip
@@ -49,6 +57,12 @@ class Ledger:
 
     def replay(self, key: Key, idempotency_key: str | None, endpoint: str | None = None) -> bytes | None:
         """The stored response of a settled request with this Idempotency-Key, if any (charged once)."""
+        stored = self.find(key, idempotency_key, endpoint)
+        return None if stored is None else stored.body
+
+    def find(self, key: Key, idempotency_key: str | None, endpoint: str | None = None) -> Stored | None:
+        """The settled request with this Idempotency-Key (None: none, or refunded); 409 while in flight, 422
+        when it was another endpoint's."""
         if not idempotency_key:
             return None
         with self.sessions.begin() as session:
@@ -64,7 +78,7 @@ class Ledger:
                 raise InvalidRequest(f"header.{IDEMPOTENCY_HEADER}",
                                      f"this Idempotency-Key was already used for {entry.endpoint}")  # fmt: skip
             if entry.status == "settled":
-                return entry.response
+                return Stored(entry.response, entry.http_status or 200)
             raise in_flight()
 
     def reserve(

@@ -2,8 +2,8 @@
 unknown, revoked and expired keys, exhausted call and token budgets, rate limits, oversized bodies, bad
 tensors and fields, unknown handles and handles of other keys, and the admin API's token checks. Each gets
 its documented status in the single error shape, and none is charged: every key's counters and every
-ledger row are the same before and after. (Prompts that only overflow once the server projects or
-multiplies them are found after the reservation: theirs is refunded, and the counters are the same.)"""
+ledger row are the same before and after. (Prompts that could overflow once the server projects or
+multiplies them are found by bounds checked before the reservation: no ledger row at all.)"""
 
 from __future__ import annotations
 
@@ -266,7 +266,6 @@ BAD = {
         422,
         "invalid_request",
         "candidates.0",
-        refunded=True,
     ),
     "low-rank-offset-overflows-to-inf": Bad(
         evaluate(
@@ -284,14 +283,12 @@ BAD = {
         422,
         "invalid_request",
         "candidates.0",
-        refunded=True,
     ),
     "deep-prompt-drives-logits-to-nan": Bad(
         evaluate(mutate=set_path("candidates.0", {"deep_prompt": [f32(np.full((2, HIDDEN), HUGE))] * 2})),
         422,
         "invalid_request",
         "candidates.0",
-        refunded=True,
     ),
     "unknown-top-level-field": Bad(evaluate(mutate=set_path("foo", 1)), 422, "invalid_request", "foo"),
     "unknown-candidate-field": Bad(
