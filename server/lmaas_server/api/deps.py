@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from typing import Annotated
 
@@ -46,9 +47,15 @@ def get_key(request: Request, credentials: Credentials) -> Key | None:
     return get_meter(request).authenticate(credentials.credentials if credentials else None)
 
 
+async def get_body_hash(request: Request) -> str:
+    """SHA-256 of the raw body (read once; the route parses the same cached bytes)."""
+    return hashlib.sha256(await request.body()).hexdigest()
+
+
 def get_account(
     request: Request,
     key: Annotated[Key | None, Depends(get_key)],
+    body_hash: Annotated[str, Depends(get_body_hash)],
     idempotency_key: Annotated[
         str | None,
         Header(alias=IDEMPOTENCY_HEADER, max_length=128, description="Retries with the same key are charged once."),
@@ -58,7 +65,7 @@ def get_account(
         return request.app.state.budget
     route = request.scope.get("route")
     endpoint = getattr(route, "path", request.url.path)
-    return KeyAccount(get_meter(request), key, endpoint, request.state.request_id, idempotency_key)
+    return KeyAccount(get_meter(request), key, endpoint, request.state.request_id, idempotency_key, body_hash)
 
 
 def replay_first(account: Annotated[Account, Depends(get_account)]) -> Account:

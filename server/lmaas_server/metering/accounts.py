@@ -123,12 +123,16 @@ class KeyReservation:
 class KeyAccount:
     """Charges an API key: one ledger row per request, replays by Idempotency-Key."""
 
-    def __init__(self, meter: Meter, key: Key, endpoint: str, request_id: str, idempotency_key: str | None):
+    def __init__(
+        self, meter: Meter, key: Key, endpoint: str, request_id: str, idempotency_key: str | None,
+        request_hash: str | None = None,
+    ):  # fmt: skip
         self.meter = meter
         self.key = key
         self.endpoint = endpoint
         self.request_id = request_id
         self.idempotency_key = idempotency_key
+        self.request_hash = request_hash  # sha256 of the body: a key reused with another body is a 422
         self.keeps_responses = idempotency_key is not None
 
     @property
@@ -140,8 +144,9 @@ class KeyAccount:
         return ChargeContext(self, calls, tokens)
 
     def replay(self) -> Stored | None:
-        return self.meter.ledger.find(self.key, self.idempotency_key, self.endpoint)
+        return self.meter.ledger.find(self.key, self.idempotency_key, self.endpoint, self.request_hash)
 
     def reserve(self, calls: int, tokens: int) -> KeyReservation:
-        charge = self.meter.reserve(self.key, calls, tokens, self.endpoint, self.request_id, self.idempotency_key)
+        charge = self.meter.reserve(self.key, calls, tokens, self.endpoint, self.request_id, self.idempotency_key,
+                                    self.request_hash)  # fmt: skip
         return KeyReservation(charge)

@@ -55,14 +55,18 @@ class Ledger:
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
 
-    def replay(self, key: Key, idempotency_key: str | None, endpoint: str | None = None) -> bytes | None:
+    def replay(
+        self, key: Key, idempotency_key: str | None, endpoint: str | None = None, request_hash: str | None = None
+    ) -> bytes | None:
         """The stored response of a settled request with this Idempotency-Key, if any (charged once)."""
-        stored = self.find(key, idempotency_key, endpoint)
+        stored = self.find(key, idempotency_key, endpoint, request_hash)
         return None if stored is None else stored.body
 
-    def find(self, key: Key, idempotency_key: str | None, endpoint: str | None = None) -> Stored | None:
+    def find(
+        self, key: Key, idempotency_key: str | None, endpoint: str | None = None, request_hash: str | None = None
+    ) -> Stored | None:
         """The settled request with this Idempotency-Key (None: none, or refunded); 409 while in flight, 422
-        when it was another endpoint's."""
+        when it was another endpoint's or another request body's (rows without a hash match any body)."""
         if not idempotency_key:
             return None
         with self.sessions.begin() as session:
@@ -77,13 +81,18 @@ class Ledger:
             if endpoint is not None and entry.endpoint != endpoint:  # its response is another endpoint's
                 raise InvalidRequest(f"header.{IDEMPOTENCY_HEADER}",
                                      f"this Idempotency-Key was already used for {entry.endpoint}")  # fmt: skip
+            if request_hash is not None and entry.request_hash not in (None, request_hash):
+                raise InvalidRequest(f"header.{IDEMPOTENCY_HEADER}",
+                                     "this Idempotency-Key was already used with a different request body; "
+                                     "send a new key for a new request")  # fmt: skip
             if entry.status == "settled":
                 return Stored(entry.response, entry.http_status or 200)
             raise in_flight()
 
     def reserve(
-        self, key: Key, calls: int, tokens: int, endpoint: str, request_id: str, idempotency_key: str | None
-    ) -> Charge:
+        self, key: Key, calls: int, tokens: int, endpoint: str, request_id: str, idempotency_key: str | None,
+        request_hash: str | None = None,
+    ) -> Charge:  # fmt: skip
         """Atomically reserve calls and tokens and record the request; 402 when the budget cannot cover it."""
         try:
             with self.sessions.begin() as session:
@@ -98,6 +107,7 @@ class Ledger:
                     raise _exhausted(session.get(ApiKey, key.id), calls, tokens)
                 entry = LedgerEntry(key_id=key.id, request_id=request_id, endpoint=endpoint, calls=calls, tokens=tokens,
                                     status="reserved", replica=self.replica, idempotency_key=idempotency_key,
+                                    request_hash=request_hash if idempotency_key else None,
                                     created_at=now())  # fmt: skip
                 session.add(entry)
                 session.flush()
