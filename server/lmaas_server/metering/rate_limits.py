@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from sqlalchemy import update
@@ -12,6 +13,11 @@ from lmaas_server.errors import APIError
 from lmaas_server.metering.models import ApiKey
 
 ATTEMPTS = 20  # compare-and-swap rounds before answering 429 "contention"
+
+
+def retry_after(seconds: float) -> str:
+    """Retry-After in whole seconds, as RFC 9110 defines it: rounded up, at least 1."""
+    return str(max(1, math.ceil(seconds)))
 
 
 class RateLimiter:
@@ -31,9 +37,9 @@ class RateLimiter:
                     else min(capacity, row.rate_tokens + (moment - row.rate_updated) * rate)
                 )
                 if tokens < 1.0:
-                    retry = (1.0 - tokens) / rate
+                    wait = retry_after((1.0 - tokens) / rate)
                     raise APIError(ErrorCode.RATE_LIMITED, f"rate limit of {rate:g} requests/s exceeded",
-                                   headers={"Retry-After": f"{max(retry, 0.001):.3f}"}, details={"rate_limit": rate})  # fmt: skip
+                                   headers={"Retry-After": wait}, details={"rate_limit": rate})  # fmt: skip
                 swapped = session.execute(
                     update(ApiKey)
                     .where(ApiKey.id == key_id, ApiKey.rate_updated == row.rate_updated)
@@ -41,4 +47,4 @@ class RateLimiter:
                 )
                 if swapped.rowcount == 1:
                     return
-        raise APIError(ErrorCode.RATE_LIMITED, "rate limit contention; retry", headers={"Retry-After": "0.1"})
+        raise APIError(ErrorCode.RATE_LIMITED, "rate limit contention; retry", headers={"Retry-After": "1"})
