@@ -84,7 +84,8 @@ def require_admin(
 ) -> None:
     token = request.app.state.settings.admin_token
     if token is None:
-        raise APIError(ErrorCode.NOT_FOUND, "the admin API is disabled: set LMAAS_ADMIN_TOKEN to enable it")
+        raise APIError(ErrorCode.UNAUTHORIZED, "the admin API is disabled: set LMAAS_ADMIN_TOKEN to enable it",
+                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
     given = credentials.credentials if credentials else ""
     if not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
         raise APIError(ErrorCode.UNAUTHORIZED, "admin token required", headers={"WWW-Authenticate": "Bearer"})

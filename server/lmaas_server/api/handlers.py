@@ -15,7 +15,11 @@ from lmaas_server.metering.accounts import Replayed
 
 log = logging.getLogger(__name__)
 
-STARLETTE_CODES = {404: ErrorCode.NOT_FOUND, 413: ErrorCode.PAYLOAD_TOO_LARGE}
+STARLETTE_CODES = {
+    404: ErrorCode.NOT_FOUND,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+}
 NOT_AN_OBJECT = {"model_attributes_type", "dict_type", "missing", "model_type"}
 
 

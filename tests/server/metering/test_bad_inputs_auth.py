@@ -231,8 +231,8 @@ BAD = {
     "malformed-json": Bad(evaluate_raw(lambda b: b'{"template": ', "application/json"), 400, "invalid_request"),
     "json-array-body": Bad(evaluate_raw(lambda b: b"[1, 2]", "application/json"), 400, "invalid_request"),
     "malformed-bundle": Bad(evaluate_raw(lambda b: b"LMB1garbage", BUNDLE_MEDIA_TYPE), 400, "invalid_request"),
-    "text-plain-body": Bad(evaluate_raw(lambda b: json.dumps(b).encode(), "text/plain"), 415, "invalid_request"),
-    "no-content-type": Bad(evaluate_raw(lambda b: json.dumps(b).encode(), None), 415, "invalid_request"),
+    "text-plain-body": Bad(evaluate_raw(lambda b: json.dumps(b).encode(), "text/plain"), 415, "unsupported_media_type"),
+    "no-content-type": Bad(evaluate_raw(lambda b: json.dumps(b).encode(), None), 415, "unsupported_media_type"),
     # 422: tensors, fields, ids (each would be charged if it got through)
     "nan-tensor": Bad(evaluate(mutate=set_path(SOFT, non_finite(np.nan))), 422, "invalid_request", SOFT + ".data"),
     "inf-tensor-float16": Bad(
@@ -372,7 +372,7 @@ BAD = {
     ),
     "handle-of-another-key-delete": Bad(call("DELETE", "/v1/inputs/{other}", "good"), 404, "not_found", "handle"),
     "handle-of-another-key-without-key": Bad(call("DELETE", "/v1/inputs/{other}", None), 401, "unauthorized"),
-    # admin API: 401 without or with a wrong token, 404 when disabled
+    # admin API: 401 without or with a wrong token, and when disabled (no token can be right)
     **{
         f"admin-{method.lower()}-{path.split('/')[-1]}-{case}": Bad(
             call(method, path, None, body, server=server, admin=token), status, code, headers=headers
@@ -382,7 +382,7 @@ BAD = {
             ("no-token", None, "main", 401, "unauthorized", BEARER),
             ("wrong-token", ADMIN_TOKEN + "x", "main", 401, "unauthorized", BEARER),
             ("api-key-as-token", "lmaas_x", "main", 401, "unauthorized", BEARER),
-            ("disabled", ADMIN_TOKEN, "no-admin", 404, "not_found", None),
+            ("disabled", ADMIN_TOKEN, "no-admin", 401, "unauthorized", BEARER),
         ]
     },
 }
