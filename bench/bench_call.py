@@ -27,10 +27,10 @@ from lmaas_client import LMaaSClient  # noqa: E402
 from lmaas_client.data import load_split  # noqa: E402
 from lmaas_client.tasks import get_task  # noqa: E402
 from lmaas_protocol import Candidate, EvaluateRequest, Tensor  # noqa: E402
-from lmaas_server.budget import CallBudget  # noqa: E402
 from lmaas_server.config import Settings  # noqa: E402
 from lmaas_server.engine import Engine  # noqa: E402
 from lmaas_server.main import create_app  # noqa: E402
+from lmaas_server.metering.budget import CallBudget  # noqa: E402
 from lmaas_server.model_loading import load_model  # noqa: E402
 from tests.conftest import LiveServer  # noqa: E402
 

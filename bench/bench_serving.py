@@ -45,10 +45,10 @@ from lmaas_protocol import (  # noqa: E402
     materialize,
     project,
 )
-from lmaas_server.budget import CallBudget  # noqa: E402
 from lmaas_server.config import Settings  # noqa: E402
 from lmaas_server.engine import Engine  # noqa: E402
 from lmaas_server.main import create_app  # noqa: E402
+from lmaas_server.metering.budget import CallBudget  # noqa: E402
 from lmaas_server.model_loading import load_model  # noqa: E402
 from tests.conftest import LiveServer  # noqa: E402
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Optional
@@ -26,6 +25,9 @@ def main() -> None:
     """lmaas server commands."""
 
 
+GRACEFUL_SHUTDOWN_S = 5  # a backstop: in-flight requests already end with 503 at the signal
+
+
 @app.command()
 def serve(
     model: Annotated[
@@ -41,19 +43,28 @@ def serve(
     ] = False,
     budget: Annotated[Optional[int], typer.Option(help="With --no-auth: total calls this server may charge")] = None,
     log_level: Annotated[str, typer.Option(help="Log level")] = "info",
+    log_format: Annotated[
+        Optional[str],
+        typer.Option(help="text or json (JSON lines with the request id) [default: LMAAS_LOG_FORMAT or text]"),
+    ] = None,
 ) -> None:
     """Load the model and serve the /v1 API (options override LMAAS_* environment variables)."""
     settings = _settings(model=model, host=host, port=port, device=device, family=family, database_url=database_url,
-                         budget=budget, require_api_key=False if no_auth else None)  # fmt: skip
+                         budget=budget, require_api_key=False if no_auth else None, log_format=log_format)  # fmt: skip
     if settings.prometheus_multiproc_dir:  # must be set before prometheus_client is imported
         settings.prometheus_multiproc_dir.mkdir(parents=True, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(settings.prometheus_multiproc_dir)
     import uvicorn
 
+    from lmaas_server.engine.deadline import StoppingServer
+    from lmaas_server.logs import configure
     from lmaas_server.main import create_app
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+    configure(log_level, settings.log_format)
+    json_logs = {"log_config": None} if settings.log_format == "json" else {}  # uvicorn's records reach ours
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **json_logs)  # fmt: skip
+    StoppingServer(config).run()
 
 
 @keys.command("create")

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     stale_reservation_s: float = Field(
         900.0, gt=0, description="Reservations older than this are refunded by any replica (> request timeout)."
     )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Server logs as text lines or JSON lines (each with the request id)."
+    )
     prometheus_multiproc_dir: Path | None = Field(
         None, description="Enables Prometheus multiprocess mode (several uvicorn workers)."
     )

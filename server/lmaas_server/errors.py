@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmaas_protocol import HTTP_STATUS, ErrorCode
+from lmaas_protocol import HTTP_STATUS, ErrorCode, ErrorDetail, ErrorResponse
 
 
 class APIError(Exception):
@@ -25,6 +25,13 @@ class APIError(Exception):
         self.status = status or HTTP_STATUS[code]
         self.details = details
         self.headers = headers
+
+    def body(self, request_id: str | None) -> ErrorResponse:
+        """The one error shape every failure leaves the server in."""
+        detail = ErrorDetail(
+            code=self.code, message=self.message, param=self.param, request_id=request_id, details=self.details
+        )
+        return ErrorResponse(error=detail)
 
 
 class InvalidRequest(APIError):

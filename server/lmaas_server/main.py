@@ -7,18 +7,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 
-from lmaas_protocol import EvaluateRequest, InputsSpec, __version__
+from lmaas_protocol import __version__
 from lmaas_server.api import admin, handlers
-from lmaas_server.api.bodies import component_schemas
+from lmaas_server.api.middleware import BodyLimitMiddleware, InternalErrorMiddleware, RequestContextMiddleware
 from lmaas_server.api.routes import router, service_router
-from lmaas_server.budget import CallBudget
+from lmaas_server.api.schema import openapi
 from lmaas_server.config import Settings
 from lmaas_server.engine import Engine
+from lmaas_server.metering.budget import CallBudget
 from lmaas_server.metering.meter import Meter, build_meter
 from lmaas_server.metrics import MetricsMiddleware
-from lmaas_server.middleware import BodyLimitMiddleware, InternalErrorMiddleware, RequestContextMiddleware
 from lmaas_server.model_loading import load_model
 
 log = logging.getLogger(__name__)
@@ -58,21 +57,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, m
     app.include_router(router)
     app.include_router(admin.router)
     app.include_router(service_router)
-    app.openapi = lambda: _openapi(app)
+    app.openapi = lambda: openapi(app, settings)
     handlers.install(app)
     app.add_middleware(InternalErrorMiddleware)  # innermost: 500s without dropping the connection
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestContextMiddleware)  # outermost: ids also on 413 rejections
     return app
-
-
-def _openapi(app: FastAPI) -> dict:
-    """FastAPI's schema plus the components of bodies parsed by hand (JSON or bundle, see api/bodies.py)."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(
-            component_schemas(EvaluateRequest, InputsSpec)
-        )
-        app.openapi_schema = schema
-    return app.openapi_schema

@@ -17,8 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lmaas_protocol import EvaluateRequest, ModelInfo
-from lmaas_server.budget import CallBudget
 from lmaas_server.main import create_app
+from lmaas_server.metering.budget import CallBudget
 from tests.conftest import LiveServer
 from tests.server.support import ERROR_KEYS, assert_error
 from tests.support.tiny_models import HIDDEN
@@ -276,8 +276,14 @@ BAD_INPUTS = {
     "string-body": Bad(raw("POST", "/v1/evaluate", json_body="hello"), 400),
     "null-body": Bad(raw("POST", "/v1/evaluate", b"null"), 400),
     "empty-body": Bad(raw("POST", "/v1/evaluate", b""), 400),
-    "missing-content-type": Bad(raw("POST", "/v1/evaluate", lambda b: json.dumps(b), content_type=None), 415),
-    "text-plain": Bad(raw("POST", "/v1/evaluate", lambda b: json.dumps(b), content_type="text/plain"), 415),
+    "missing-content-type": Bad(
+        raw("POST", "/v1/evaluate", lambda b: json.dumps(b), content_type=None), 415, code="unsupported_media_type"
+    ),
+    "text-plain": Bad(
+        raw("POST", "/v1/evaluate", lambda b: json.dumps(b), content_type="text/plain"),
+        415,
+        code="unsupported_media_type",
+    ),
     # 422: soft prompts
     "nan": Bad(ev(setter(SOFT, non_finite(np.nan))), 422, SOFT + ".data"),
     "inf": Bad(ev(setter(SOFT, non_finite(np.inf))), 422, SOFT + ".data"),

@@ -18,7 +18,7 @@ from lmaas_protocol import (
     LowRankOffset,
     Tensor,
 )
-from lmaas_server.budget import CallBudget
+from lmaas_server.metering.budget import CallBudget
 from tests.server.support import (
     TEMPLATES,
     TEXTS,

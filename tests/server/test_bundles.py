@@ -153,7 +153,8 @@ def test_malformed_bundles_are_rejected_and_not_charged(live_server, engines):
         for i, (payload, status, param) in enumerate(cases):
             headers = {"content-type": "application/octet-stream"} if status == 415 else BUNDLE_HEADERS
             response = client.post("/v1/evaluate", content=payload, headers=headers)
-            error = assert_error(response, status, "invalid_request", param)
+            code = "unsupported_media_type" if status == 415 else "invalid_request"
+            error = assert_error(response, status, code, param)
             if status == 400 and i < 7:
                 assert "bundle" in error["message"], error
         # a JSON body may not use buffer references

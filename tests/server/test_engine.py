@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lmaas_protocol import Candidate, EvaluateRequest, Example, Tensor
-from lmaas_server.budget import CallBudget
 from lmaas_server.errors import InvalidRequest
+from lmaas_server.metering.budget import CallBudget
 from tests.support.tiny_models import CAUSAL_KINDS, KINDS, MASKED_KINDS
 
 TEMPLATES = {"masked": "{prompt} . {text_a} . It was {mask} .", "causal": "{prompt}Review: {text_a}\nSentiment:{mask}"}

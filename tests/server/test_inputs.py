@@ -14,7 +14,7 @@ from lmaas_protocol import (
     LayerStdRequest,
     ModelInfo,
 )
-from lmaas_server.budget import CallBudget
+from lmaas_server.metering.budget import CallBudget
 from tests.server.support import (
     BUDGET,
     TEMPLATES,
@@ -179,7 +179,9 @@ def test_handle_errors_have_their_codes_and_charge_nothing(live_server, engines)
         assert_error(client.post("/v1/inputs", json=too_long), 422, "invalid_request", "examples.1")
         assert_error(client.post("/v1/inputs", json={**body, "foo": 1}), 422, "invalid_request", "foo")
         assert_error(
-            client.post("/v1/inputs", content=b"{}", headers={"content-type": "text/plain"}), 415, "invalid_request"
+            client.post("/v1/inputs", content=b"{}", headers={"content-type": "text/plain"}),
+            415,
+            "unsupported_media_type",
         )
         # delete: 204, then 404; the deleted handle is then unknown
         assert client.delete(f"/v1/inputs/{bare_handle}").status_code == 204

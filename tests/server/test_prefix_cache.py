@@ -14,7 +14,7 @@ from lmaas_protocol import (
     InputsSpec,
     Projected,
 )
-from lmaas_server.budget import CallBudget
+from lmaas_server.metering.budget import CallBudget
 from tests.server.forms_support import (
     ATOL,
     SUFFIX,

@@ -16,8 +16,8 @@ from lmaas_protocol import (
     materialize,
     project,
 )
-from lmaas_server.budget import CallBudget
 from lmaas_server.errors import InvalidRequest
+from lmaas_server.metering.budget import CallBudget
 from tests.server.forms_support import (
     ATOL,
     KIND_TEMPLATES,

@@ -9,7 +9,7 @@ from lmaas_server.api.deps import AdminDep, MeterDep
 
 router = APIRouter(
     prefix="/v1/admin", tags=["admin"], dependencies=[AdminDep],
-    responses={status: {"model": ErrorResponse} for status in (401, 404, 422)},
+    responses={status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 500)},
 )  # fmt: skip
 
 

@@ -12,8 +12,8 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from lmaas_protocol import BUNDLE_MEDIA_TYPE, BundleError, parse_bundle
-from lmaas_server.errors import InvalidRequest
+from lmaas_protocol import BUNDLE_MEDIA_TYPE, BundleError, ErrorCode, parse_bundle
+from lmaas_server.errors import APIError, InvalidRequest
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 JSON_MEDIA_TYPE = "application/json"
@@ -22,7 +22,7 @@ JSON_MEDIA_TYPE = "application/json"
 async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type not in (JSON_MEDIA_TYPE, BUNDLE_MEDIA_TYPE):
-        raise InvalidRequest(None, f"send the body as {JSON_MEDIA_TYPE} or {BUNDLE_MEDIA_TYPE}", status=415)
+        raise APIError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, f"send the body as {JSON_MEDIA_TYPE} or {BUNDLE_MEDIA_TYPE}")
     body = await request.body()
     try:
         if media_type == BUNDLE_MEDIA_TYPE:
@@ -34,15 +34,20 @@ async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
-def body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """`openapi_extra` documenting a body that `parse_body` reads, in both media types."""
+def body_schema(model: type[BaseModel], example: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`openapi_extra` documenting a body that `parse_body` reads, in both media types, with a valid
+    `example` (validated here; the fuzz test sends it, so the model path is exercised too)."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     schema.pop("$defs", None)  # registered as components by the response models and `extra_components`
+    json_content: dict[str, Any] = {"schema": schema}
+    if example is not None:
+        model.model_validate(example)
+        json_content["example"] = example
     return {
         "requestBody": {
             "required": True,
             "content": {
-                JSON_MEDIA_TYPE: {"schema": schema},
+                JSON_MEDIA_TYPE: json_content,
                 BUNDLE_MEDIA_TYPE: {
                     "schema": {"type": "string", "format": "binary"},
                     "description": "LMB1 bundle: the same JSON document with tensors as raw buffers (see lmaas_protocol.bundle).",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from typing import Annotated
 
@@ -9,11 +10,11 @@ from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from lmaas_protocol import IDEMPOTENCY_HEADER, ErrorCode
-from lmaas_server.budget import CallBudget
 from lmaas_server.config import Settings
 from lmaas_server.engine import Engine
 from lmaas_server.errors import APIError, ModelNotReady
-from lmaas_server.metering.accounts import KeyAccount
+from lmaas_server.metering.accounts import Account, KeyAccount, Replayed
+from lmaas_server.metering.budget import CallBudget
 from lmaas_server.metering.meter import Key, Meter
 
 bearer = HTTPBearer(auto_error=False, description="An API key (`lmaas-server keys create`).")
@@ -46,9 +47,15 @@ def get_key(request: Request, credentials: Credentials) -> Key | None:
     return get_meter(request).authenticate(credentials.credentials if credentials else None)
 
 
+async def get_body_hash(request: Request) -> str:
+    """SHA-256 of the raw body (read once; the route parses the same cached bytes)."""
+    return hashlib.sha256(await request.body()).hexdigest()
+
+
 def get_account(
     request: Request,
     key: Annotated[Key | None, Depends(get_key)],
+    body_hash: Annotated[str, Depends(get_body_hash)],
     idempotency_key: Annotated[
         str | None,
         Header(alias=IDEMPOTENCY_HEADER, max_length=128, description="Retries with the same key are charged once."),
@@ -58,7 +65,18 @@ def get_account(
         return request.app.state.budget
     route = request.scope.get("route")
     endpoint = getattr(route, "path", request.url.path)
-    return KeyAccount(get_meter(request), key, endpoint, request.state.request_id, idempotency_key)
+    return KeyAccount(get_meter(request), key, endpoint, request.state.request_id, idempotency_key, body_hash)
+
+
+def replay_first(account: Annotated[Account, Depends(get_account)]) -> Account:
+    """The caller's account, after answering a settled Idempotency-Key retry with its stored response.
+
+    The charge context replays too (on entry); asking first, before the body is parsed or checked, means a
+    replay never depends on the server's state now (a handle lost in a restart, a model reloaded)."""
+    stored = account.replay()
+    if stored is not None:
+        raise Replayed(stored.body, stored.status)
+    return account
 
 
 def require_admin(
@@ -66,7 +84,8 @@ def require_admin(
 ) -> None:
     token = request.app.state.settings.admin_token
     if token is None:
-        raise APIError(ErrorCode.NOT_FOUND, "the admin API is disabled: set LMAAS_ADMIN_TOKEN to enable it")
+        raise APIError(ErrorCode.UNAUTHORIZED, "the admin API is disabled: set LMAAS_ADMIN_TOKEN to enable it",
+                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
     given = credentials.credentials if credentials else ""
     if not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
         raise APIError(ErrorCode.UNAUTHORIZED, "admin token required", headers={"WWW-Authenticate": "Bearer"})
@@ -80,6 +99,6 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 MeterDep = Annotated[Meter, Depends(get_meter)]
 KeyDep = Annotated[Key | None, Depends(get_key)]
-AccountDep = Annotated[KeyAccount | CallBudget, Depends(get_account)]
+AccountDep = Annotated[Account, Depends(replay_first)]  # charged routes: replays answered first
 AdminDep = Depends(require_admin)
 RequestIdDep = Annotated[str, Depends(get_request_id)]

@@ -6,28 +6,25 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmaas_protocol import REQUEST_ID_HEADER, ErrorCode, ErrorDetail, ErrorResponse, error_message, error_param
+from lmaas_protocol import REQUEST_ID_HEADER, ErrorCode, error_message, error_param
 from lmaas_server.errors import APIError
+from lmaas_server.metering.accounts import Replayed
 
 log = logging.getLogger(__name__)
 
-STARLETTE_CODES = {404: ErrorCode.NOT_FOUND, 413: ErrorCode.PAYLOAD_TOO_LARGE}
+STARLETTE_CODES = {
+    404: ErrorCode.NOT_FOUND,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+}
 NOT_AN_OBJECT = {"model_attributes_type", "dict_type", "missing", "model_type"}
 
 
 def error_response(request: Request, error: APIError) -> JSONResponse:
-    body = ErrorResponse(
-        error=ErrorDetail(
-            code=error.code,
-            message=error.message,
-            param=error.param,
-            request_id=getattr(request.state, "request_id", None),
-            details=error.details,
-        )
-    )
+    body = error.body(getattr(request.state, "request_id", None))
     headers = dict(error.headers or {})
     if body.error.request_id:  # also set here: Starlette answers 500s outside the request-id middleware
         headers[REQUEST_ID_HEADER] = body.error.request_id
@@ -36,6 +33,13 @@ def error_response(request: Request, error: APIError) -> JSONResponse:
 
 async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
     return error_response(request, exc)
+
+
+async def on_replay(request: Request, exc: Replayed) -> Response:
+    """The stored response (or charged error) of the first request with this Idempotency-Key, byte for byte;
+    not charged again."""
+    return Response(exc.body, status_code=exc.status, media_type="application/json",
+                    headers={"Idempotent-Replayed": "true"})  # fmt: skip
 
 
 async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -67,6 +71,7 @@ async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(Replayed, on_replay)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)

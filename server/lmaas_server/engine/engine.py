@@ -11,11 +11,11 @@ import logging
 import uuid
 
 import numpy as np
+import torch
 
 from lmaas_protocol import (
     Candidate,
     CandidateResult,
-    ErrorCode,
     EvaluateRequest,
     EvaluateResponse,
     InputsResponse,
@@ -38,13 +38,15 @@ from lmaas_runtime.probes import probe_inputs
 from lmaas_runtime.rendering import TemplateRenderer
 from lmaas_runtime.rows import Row, RowPrompt, Verbalizer
 from lmaas_server import metrics
-from lmaas_server.budget import Account
 from lmaas_server.config import Settings
+from lmaas_server.engine.bounds import check_bounds
 from lmaas_server.engine.checks import prefix_cache_matches
+from lmaas_server.engine.deadline import Deadline
 from lmaas_server.engine.inputs_store import InputsStore, PreparedInputs, Variant
 from lmaas_server.engine.prompts import CandidateDecoder
 from lmaas_server.engine.scheduler import Job, Scheduler
-from lmaas_server.errors import APIError, InvalidRequest
+from lmaas_server.errors import InvalidRequest
+from lmaas_server.metering.accounts import Account
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class Engine:
         self.max_length = min(settings.max_seq_len, loaded.max_length)
         self.renderer = TemplateRenderer(loaded.tokenizer, self.causal, self.max_length)
         self.pad_id = loaded.pad_id
+        self.dtype_max = float(torch.finfo(loaded.dtype).max)  # prompts must fit the model's dtype
         self.layers = loaded.layers
         self.forward = loaded  # the runtime's model: `run(rows)` scores one batch on the scheduler's thread
         self.decoder = CandidateDecoder(loaded.device, loaded.dtype, settings.projection_cache_bytes)
@@ -165,41 +168,43 @@ class Engine:
             raise InvalidRequest(
                 "candidates", f"{tokens} tokens (examples x candidates) exceed {self.settings.max_tokens_per_request}"
             )
-        reservation = account.reserve(calls, tokens)  # before decoding: projections are work for paying callers
-        try:
+        deadline = Deadline(self.settings.request_timeout_s)  # covers projections and forward passes
+        with account.charge(calls, tokens) as charge, deadline.active():  # projections are paid work: after it
             prompts = [self.decoder.decode(c, request.projections) for c in request.candidates]
+            charge.work_done()  # from here an error in the request is charged (see ChargeContext.work_done)
             for i, prompt in enumerate(prompts):
                 if not prompt.finite():
                     raise InvalidRequest(
                         f"candidates.{i}", "the prompt's values overflow to Inf or NaN once projected or multiplied"
                     )
             use_prefix = self._use_prefix(variant, prompts, reused=request.inputs is not None)
-            logits = self.score(prepared, variant, prompts, use_prefix)
+            logits = self.score(prepared, variant, prompts, use_prefix, deadline)
             for i, candidate_logits in enumerate(logits):
                 if not np.isfinite(candidate_logits).all():
                     raise InvalidRequest(f"candidates.{i}", "the prompt drives the model to Inf or NaN logits")
             results = [self._result(candidate_logits, prepared.labels) for candidate_logits in logits]
-            usage = Usage(
-                calls=calls, examples=len(variant.rendered), tokens=tokens, budget_remaining=reservation.remaining
-            )
+            usage = Usage(calls=calls, examples=len(variant.rendered), tokens=tokens, budget_remaining=charge.remaining)
             response = EvaluateResponse(
                 request_id=request_id or uuid.uuid4().hex, model=self.loaded.name, results=results, usage=usage
             )
-            reservation.settle(response)  # before the response leaves: a completed request is never refunded
-        except BaseException:
-            reservation.refund()  # the caller gets an error and pays nothing
-            raise
+            charge.settle(response)
         return response
 
     def score(
-        self, prepared: PreparedInputs, variant: Variant, prompts: list[RowPrompt], use_prefix: bool
+        self,
+        prepared: PreparedInputs,
+        variant: Variant,
+        prompts: list[RowPrompt],
+        use_prefix: bool,
+        deadline: Deadline | None = None,
     ) -> np.ndarray:
         """Class logits [candidates, examples, classes], computed on the scheduler's worker thread."""
+        deadline = deadline or Deadline(self.settings.request_timeout_s)
         logits = np.empty((len(prompts), len(variant.rendered), len(prepared.spec.verbalizer)), dtype=np.float32)
         job = Job(lambda: self._rows(prepared, variant, prompts, logits, use_prefix))
-        if not self.scheduler.run(job, timeout=self.settings.request_timeout_s):
-            message = f"the request took longer than {self.settings.request_timeout_s:g} s; nothing was charged"
-            raise APIError(ErrorCode.TIMEOUT, message)
+        with deadline.watching(job):  # a SIGTERM wakes this wait and cancels the job's rows
+            finished = self.scheduler.run(job, timeout=deadline.left())
+        deadline.after_wait(finished)  # 503 when stopping, 504 when the time ran out
         return logits
 
     def layer_std(self, prepared: PreparedInputs) -> list[float]:
@@ -213,17 +218,13 @@ class Engine:
         """layer_std on registered inputs, charged as one call."""
         prepared = self.inputs.get(request.inputs, owner)
         tokens = sum(len(e.ids) for e in prepared.variant(self.renderer, 0, 0).rendered)
-        reservation = account.reserve(1, tokens)
-        try:
+        with account.charge(1, tokens) as charge:
             values = self.layer_std(prepared)
             usage = Usage(
-                calls=1, examples=len(prepared.spec.examples), tokens=tokens, budget_remaining=reservation.remaining
+                calls=1, examples=len(prepared.spec.examples), tokens=tokens, budget_remaining=charge.remaining
             )
             response = LayerStdResponse(layer_std=values, usage=usage)
-            reservation.settle(response)
-        except BaseException:
-            reservation.refund()
-            raise
+            charge.settle(response)
         return response
 
     def _use_prefix(self, variant: Variant, prompts: list[RowPrompt], reused: bool) -> bool:
@@ -302,6 +303,7 @@ class Engine:
                 raise InvalidRequest(
                     f"{param}.{name}.projection", f"d * prod(shape) exceeds {s.max_projection_elements}"
                 )
+        check_bounds(candidate, param, projections, self.dtype_max)  # overflow found before any work
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         for j, token in enumerate(ids):

@@ -14,10 +14,11 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from lmaas_protocol import Candidate, Projected, ProjectionSpec, Tensor, materialize
+from lmaas_protocol import Candidate, Projected, ProjectionSpec, Tensor
 from lmaas_protocol.candidates import spec_of
 from lmaas_runtime.rows import RowPrompt
 from lmaas_server import metrics
+from lmaas_server.engine.deadline import materialize  # the protocol's, within the request's deadline
 
 
 class LRUCache:

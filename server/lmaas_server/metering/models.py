@@ -53,5 +53,6 @@ class LedgerEntry(Base):
     replica: Mapped[str] = mapped_column(String(128))
     idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
     response: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # replayed on a retry
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)  # sha256 of the body (0002)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

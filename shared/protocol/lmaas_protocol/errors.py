@@ -14,10 +14,12 @@ class ErrorCode(StrEnum):
     CONFLICT = "conflict"  # a request with this Idempotency-Key is still in flight; retry later
     GONE = "gone"  # e.g. an evicted cached-input handle
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # a body neither JSON nor an lmaas bundle
     RATE_LIMITED = "rate_limited"  # retry after the Retry-After header
     MODEL_NOT_READY = "model_not_ready"  # still loading; retryable
     INTERNAL_ERROR = "internal_error"  # nothing was charged
     TIMEOUT = "timeout"  # the request ran past the server's request timeout; nothing was charged
+    SHUTTING_DOWN = "shutting_down"  # the server is stopping; retry (another replica, or after the restart)
 
 
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -29,8 +31,10 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.CONFLICT: 409,
     ErrorCode.GONE: 410,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.MODEL_NOT_READY: 503,
     ErrorCode.INTERNAL_ERROR: 500,
     ErrorCode.TIMEOUT: 504,
+    ErrorCode.SHUTTING_DOWN: 503,
 }

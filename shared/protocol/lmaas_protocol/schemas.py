@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StrictBool, field_validator, model_validator
 
 from lmaas_protocol.base import FieldError, WireModel
 from lmaas_protocol.candidates import MAX_PROMPT_TOKENS, MAX_TOKEN_ID, Candidate, check_candidate
@@ -81,8 +81,8 @@ class ModelInfo(WireModel):
 
 class TokenizeRequest(WireModel):
     texts: list[str] = Field(min_length=1, max_length=MAX_TOKENIZE_TEXTS)
-    add_special_tokens: bool = False
-    return_tokens: bool = Field(False, description="Also return the token strings.")
+    add_special_tokens: StrictBool = False
+    return_tokens: StrictBool = Field(False, description="Also return the token strings.")
 
     @field_validator("texts")
     @classmethod

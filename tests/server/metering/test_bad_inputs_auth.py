@@ -2,8 +2,8 @@
 unknown, revoked and expired keys, exhausted call and token budgets, rate limits, oversized bodies, bad
 tensors and fields, unknown handles and handles of other keys, and the admin API's token checks. Each gets
 its documented status in the single error shape, and none is charged: every key's counters and every
-ledger row are the same before and after. (Prompts that only overflow once the server projects or
-multiplies them are found after the reservation: theirs is refunded, and the counters are the same.)"""
+ledger row are the same before and after. (Prompts that could overflow once the server projects or
+multiplies them are found by bounds checked before the reservation: no ledger row at all.)"""
 
 from __future__ import annotations
 
@@ -231,8 +231,8 @@ BAD = {
     "malformed-json": Bad(evaluate_raw(lambda b: b'{"template": ', "application/json"), 400, "invalid_request"),
     "json-array-body": Bad(evaluate_raw(lambda b: b"[1, 2]", "application/json"), 400, "invalid_request"),
     "malformed-bundle": Bad(evaluate_raw(lambda b: b"LMB1garbage", BUNDLE_MEDIA_TYPE), 400, "invalid_request"),
-    "text-plain-body": Bad(evaluate_raw(lambda b: json.dumps(b).encode(), "text/plain"), 415, "invalid_request"),
-    "no-content-type": Bad(evaluate_raw(lambda b: json.dumps(b).encode(), None), 415, "invalid_request"),
+    "text-plain-body": Bad(evaluate_raw(lambda b: json.dumps(b).encode(), "text/plain"), 415, "unsupported_media_type"),
+    "no-content-type": Bad(evaluate_raw(lambda b: json.dumps(b).encode(), None), 415, "unsupported_media_type"),
     # 422: tensors, fields, ids (each would be charged if it got through)
     "nan-tensor": Bad(evaluate(mutate=set_path(SOFT, non_finite(np.nan))), 422, "invalid_request", SOFT + ".data"),
     "inf-tensor-float16": Bad(
@@ -266,7 +266,6 @@ BAD = {
         422,
         "invalid_request",
         "candidates.0",
-        refunded=True,
     ),
     "low-rank-offset-overflows-to-inf": Bad(
         evaluate(
@@ -284,14 +283,12 @@ BAD = {
         422,
         "invalid_request",
         "candidates.0",
-        refunded=True,
     ),
     "deep-prompt-drives-logits-to-nan": Bad(
         evaluate(mutate=set_path("candidates.0", {"deep_prompt": [f32(np.full((2, HIDDEN), HUGE))] * 2})),
         422,
         "invalid_request",
         "candidates.0",
-        refunded=True,
     ),
     "unknown-top-level-field": Bad(evaluate(mutate=set_path("foo", 1)), 422, "invalid_request", "foo"),
     "unknown-candidate-field": Bad(
@@ -375,7 +372,7 @@ BAD = {
     ),
     "handle-of-another-key-delete": Bad(call("DELETE", "/v1/inputs/{other}", "good"), 404, "not_found", "handle"),
     "handle-of-another-key-without-key": Bad(call("DELETE", "/v1/inputs/{other}", None), 401, "unauthorized"),
-    # admin API: 401 without or with a wrong token, 404 when disabled
+    # admin API: 401 without or with a wrong token, and when disabled (no token can be right)
     **{
         f"admin-{method.lower()}-{path.split('/')[-1]}-{case}": Bad(
             call(method, path, None, body, server=server, admin=token), status, code, headers=headers
@@ -385,7 +382,7 @@ BAD = {
             ("no-token", None, "main", 401, "unauthorized", BEARER),
             ("wrong-token", ADMIN_TOKEN + "x", "main", 401, "unauthorized", BEARER),
             ("api-key-as-token", "lmaas_x", "main", 401, "unauthorized", BEARER),
-            ("disabled", ADMIN_TOKEN, "no-admin", 404, "not_found", None),
+            ("disabled", ADMIN_TOKEN, "no-admin", 401, "unauthorized", BEARER),
         ]
     },
 }

@@ -86,6 +86,10 @@ def test_fuzz_every_endpoint_without_a_server_error(database: Database, metered_
         assert set(counts) == {operation.label for operation in operations}  # every endpoint was fuzzed
         assert total >= MIN_CASES, counts
         assert any(status < 300 for *_, status in statuses), "no case ever succeeded"
+        evaluated = sum(
+            n for (label, *_, status), n in statuses.items() if label == "POST /v1/evaluate" and status == 200
+        )
+        assert evaluated >= 1, "no evaluate case reached the model (the schema's example body is valid)"
 
         # the server is alive and charges a valid request exactly once
         with httpx.Client(base_url=server.url, headers=auth(secret), timeout=60) as client:

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: a request id on every request and response, and a hard cap on body size."""
+"""Pure ASGI middleware, the HTTP layer beside the routes: a request id on every request and response, a hard
+cap on body size, and 500s that keep the connection open."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmaas_protocol import REQUEST_ID_HEADER, ErrorCode, ErrorDetail, ErrorResponse
+from lmaas_server.logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -27,6 +29,7 @@ class RequestContextMiddleware:
         given = _header(scope, REQUEST_ID_HEADER.lower())
         request_id = given if given and _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        token = REQUEST_ID.set(request_id)  # every log record of this request carries it
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -36,7 +39,10 @@ class RequestContextMiddleware:
                     headers.append((name, request_id.encode()))
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
 
 
 class BodyLimitMiddleware:

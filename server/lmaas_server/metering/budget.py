@@ -1,32 +1,15 @@
-"""Accounts the engine charges: reserve before the forward pass, then settle with the response or refund.
+"""The account of a server run without API keys (`--no-auth`, development and tests).
 
-`CallBudget` is the in-memory account of a server run without API keys (`--no-auth`, development and
-tests): one counter per process, capped by `--budget`. With keys, `metering.accounts.KeyAccount` charges
-the key in the database. Reserving first (atomically) means concurrent requests can never overspend;
-charging after the work would overspend by the number of requests in flight.
+One in-memory counter per process, capped by `--budget`; it charges through the same `ChargeContext` as a
+key (accounts.py), without a ledger and so without Idempotency-Key replays.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Protocol
 
-from pydantic import BaseModel
-
-from lmaas_server import metrics
 from lmaas_server.errors import BudgetExhausted
-
-
-class Reservation(Protocol):
-    remaining: int | None  # calls left after this reservation (None: unlimited)
-
-    def settle(self, response: BaseModel) -> None: ...
-
-    def refund(self) -> None: ...
-
-
-class Account(Protocol):
-    def reserve(self, calls: int, tokens: int) -> Reservation: ...
+from lmaas_server.metering.accounts import ChargeContext
 
 
 class _MemoryReservation:
@@ -35,8 +18,8 @@ class _MemoryReservation:
         self.calls = calls
         self.remaining = budget.remaining
 
-    def settle(self, response: BaseModel) -> None:
-        metrics.CALLS.inc(self.calls)
+    def settle(self, body: bytes | None, http_status: int = 200) -> None:
+        pass  # already counted by the reservation
 
     def refund(self) -> None:
         self.budget.refund(self.calls)
@@ -44,6 +27,8 @@ class _MemoryReservation:
 
 class CallBudget:
     owner = None  # registered inputs are shared in a server without keys
+    keeps_responses = False
+    request_id = None
 
     def __init__(self, limit: int | None):
         self.limit = limit  # None: unlimited
@@ -53,6 +38,9 @@ class CallBudget:
     @property
     def remaining(self) -> int | None:
         return None if self.limit is None else self.limit - self.used
+
+    def charge(self, calls: int, tokens: int = 0) -> ChargeContext:
+        return ChargeContext(self, calls, tokens)
 
     def reserve(self, calls: int, tokens: int = 0) -> _MemoryReservation:
         with self._lock:
@@ -65,5 +53,5 @@ class CallBudget:
         with self._lock:
             self.used -= calls
 
-    def replay(self) -> bytes | None:
+    def replay(self) -> None:
         return None  # no ledger without keys, so no Idempotency-Key replays

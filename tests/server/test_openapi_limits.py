@@ -1,0 +1,91 @@
+"""The OpenAPI schema agrees with the server (issue 16 item 6): every published cap is the one that answers
+422 one past it, booleans are strict, each route documents only the statuses it can answer, a disabled
+admin API answers 401, and 415 has its own error code."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from lmaas_server.api.schema import published_caps
+from lmaas_server.config import Settings
+from lmaas_server.main import create_app
+from tests.server.support import assert_error
+
+TEMPLATE = "{prompt}Review: {text_a}\nSentiment:{mask}"
+LIMITS = {"max_examples": 6, "max_candidates": 3, "max_prompt_length": 4, "max_projection_elements": 5000}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dirs):
+    from lmaas_server.engine import Engine
+    from lmaas_server.model_loading import load_model
+
+    settings = Settings(model=str(tiny_model_dirs["llama"]), device="cpu", require_api_key=False, **LIMITS)
+    engine = Engine(load_model(settings), settings)
+    client = TestClient(create_app(settings, engine=engine))
+    yield client, client.get("/openapi.json").json(), settings
+    engine.close()
+
+
+def body_with(array: str, count: int) -> tuple[str, dict]:
+    """A request at `count` items of `array` (the rest valid), and its route."""
+    examples = [{"text_a": "fun", "label": 0}]
+    evaluate = {"template": TEMPLATE, "examples": examples, "verbalizer": [[1], [2]], "candidates": [{}]}
+    if array == "TokenizeRequest.texts":
+        return "/v1/tokenize", {"texts": ["fun"] * count}
+    if array == "EvaluateRequest.candidates":
+        return "/v1/evaluate", {**evaluate, "candidates": [{}] * count}
+    if array == "EvaluateRequest.examples":
+        return "/v1/evaluate", {**evaluate, "examples": examples * count}
+    if array == "InputsSpec.examples":
+        return "/v1/inputs", {key: evaluate[key] for key in ("template", "verbalizer")} | {"examples": examples * count}
+    assert array == "Candidate.prompt_token_ids"
+    return "/v1/evaluate", {**evaluate, "candidates": [{"prompt_token_ids": [5] * count}]}
+
+
+@pytest.mark.parametrize("array", [f"{c}.{p}" for c, p in published_caps(Settings(**LIMITS))])
+def test_every_published_cap_is_the_enforced_one(served, array):
+    client, schema, settings = served
+    component, name = array.split(".")
+    field = schema["components"]["schemas"][component]["properties"][name]
+    cap = next(v["maxItems"] for v in field.get("anyOf", [field]) if v.get("type") == "array")
+    assert cap == published_caps(settings)[(component, name)]
+    route, at_cap = body_with(array, cap)
+    assert client.post(route, json=at_cap).status_code in (200, 201), client.post(route, json=at_cap).text
+    route, past = body_with(array, cap + 1)
+    param = {"texts": "texts", "candidates": "candidates", "examples": "examples"}.get(name, "candidates.0")
+    assert_error(client.post(route, json=past), 422, "invalid_request", param)
+
+
+def test_the_projection_cap_is_published(served):
+    client, schema, settings = served
+    spec = schema["components"]["schemas"]["ProjectionSpec"]
+    assert spec["x-max-elements"] == settings.max_projection_elements == client.get("/v1/model").json()["limits"][
+        "max_projection_elements"
+    ]  # fmt: skip
+    assert str(settings.max_projection_elements) in spec["description"]
+
+
+def test_booleans_are_strict(served):
+    client, _, _ = served
+    for value in ("yes", 1, "true"):
+        response = client.post("/v1/tokenize", json={"texts": ["a"], "return_tokens": value})
+        assert_error(response, 422, "invalid_request", "return_tokens")
+
+
+def test_routes_document_only_their_statuses(served):
+    _, schema, _ = served
+    health = set(schema["paths"]["/v1/health"]["get"]["responses"])
+    assert not health & {"401", "402", "409"}
+    evaluate = set(schema["paths"]["/v1/evaluate"]["post"]["responses"])
+    assert {"401", "402", "409", "415", "504"} <= evaluate
+    assert "400" in schema["paths"]["/v1/admin/keys"]["post"]["responses"]  # bad JSON
+
+
+def test_a_disabled_admin_api_is_401_and_415_has_its_own_code(served):
+    client, _, _ = served
+    error = assert_error(client.get("/v1/admin/keys", headers={"Authorization": "Bearer x"}), 401, "unauthorized")
+    assert "disabled" in error["message"]
+    response = client.post("/v1/evaluate", content=b"{}", headers={"content-type": "text/plain"})
+    assert_error(response, 415, "unsupported_media_type")
