@@ -89,3 +89,15 @@ def test_a_disabled_admin_api_is_401_and_415_has_its_own_code(served):
     assert "disabled" in error["message"]
     response = client.post("/v1/evaluate", content=b"{}", headers={"content-type": "text/plain"})
     assert_error(response, 415, "unsupported_media_type")
+
+
+def test_json_tensors_require_data_and_cross_field_rules_are_documented(served):
+    client, schema, _ = served
+    components = schema["components"]["schemas"]
+    assert "data" in components["Tensor"]["required"]
+    soft = {"dtype": "float32", "shape": [1, 32]}  # no data: the schema says so, and the server agrees
+    body = {"template": TEMPLATE, "examples": [{"text_a": "fun", "label": 0}], "verbalizer": [[1], [2]],
+            "candidates": [{"soft_prompt": soft}]}  # fmt: skip
+    assert client.post("/v1/evaluate", json=body).status_code == 422
+    assert "either `inputs`" in components["EvaluateRequest"]["description"]
+    assert "{mask} exactly once" in components["InputsSpec"]["description"]

@@ -21,6 +21,7 @@ def openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(component_schemas(EvaluateRequest, InputsSpec))
         publish_limits(components, settings)
+        publish_rules(components)
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -34,6 +35,35 @@ def published_caps(settings: Settings) -> dict[tuple[str, str], int]:
         ("InputsSpec", "examples"): settings.max_examples,
         ("Candidate", "prompt_token_ids"): settings.max_prompt_length,
     }
+
+
+# Rules that span several fields (checked by the protocol's validators and the engine), stated where a
+# client reads the schema.
+CROSS_FIELD_RULES = {
+    "InputsSpec": (
+        "The template contains {text_a}, {mask} exactly once (for causal LMs at its end) and {prompt} at "
+        "most once; {text_b} only if every example has text_b. Either every example has a label or none "
+        "has; labels are below the number of verbalizer classes. Each verbalizer class has 1 to 16 token ids."
+    ),
+    "EvaluateRequest": (
+        "Give either `inputs` (a registered handle) or inline `template`, `examples` and `verbalizer` (the "
+        "InputsSpec rules apply), not both; `truncate` only when registering. A candidate with a prompt "
+        "needs a {prompt} slot in the template. Within a candidate all prompt tensors are 2-D with P rows "
+        "(P = len(prompt_token_ids) when given) and the model's hidden size as columns; embedding_offset.b "
+        "has as many rows as embedding_offset.a has columns. A projected tensor's z has the spec's dim; a "
+        "named projection must be in `projections`."
+    ),
+}
+
+
+def publish_rules(components: dict[str, Any]) -> None:
+    """Cross-field rules in the descriptions; JSON tensors carry `data` (`ref` is for bundle bodies only)."""
+    for component, rules in CROSS_FIELD_RULES.items():
+        described = components[component]
+        described["description"] = f"{described.get('description', '')}\n\n{rules}".strip()
+    tensor = components["Tensor"]
+    tensor["required"] = sorted({*tensor.get("required", []), "data"})
+    tensor["properties"]["ref"]["description"] = "Bundle bodies only: index of the raw buffer (instead of data)."
 
 
 def publish_limits(components: dict[str, Any], settings: Settings) -> None:
