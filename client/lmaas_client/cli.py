@@ -13,14 +13,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lmaas_client.client import DEFAULT_BASE_URL, LMaaSClient
-from lmaas_client.data import load_split, load_test
 from lmaas_client.errors import BudgetExhaustedError, LMaaSError
 from lmaas_client.evaluation import TaskScorer
 from lmaas_client.prompt_io import load_prompt
 from lmaas_client.runner import Progress as RunProgress
 from lmaas_client.runner import RunConfig, read_run_config, run_tuning, write_run_config
-from lmaas_client.task_files import is_task_file, resolve_task, save_task_file, user_task
 from lmaas_client.tasks import TASKS, TaskError
+from lmaas_client.tasks.data import load_split, load_test
+from lmaas_client.tasks.files import is_task_file, resolve_task, save_task_file, user_task
 from lmaas_client.tuners import TUNERS, make_tuner
 
 app = typer.Typer(help="lmaas client: black-box prompt tuning over HTTP.", no_args_is_help=True)

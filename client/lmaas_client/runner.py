@@ -18,12 +18,12 @@ from typing import Any
 from lmaas_client import checkpoints
 from lmaas_client.client import LMaaSClient
 from lmaas_client.context import TuneContext
-from lmaas_client.data import TestSize, load_task_data
 from lmaas_client.errors import BudgetExhaustedError
 from lmaas_client.evaluation import NO_PROMPT, TaskScorer
 from lmaas_client.plots import plot_curve
 from lmaas_client.prompt_io import save_prompt
 from lmaas_client.tasks import Placement, TaskSpec
+from lmaas_client.tasks.data import TestSize, load_task_data
 from lmaas_client.tuners.base import PromptCandidate, Tuner
 
 CHECKPOINT = "checkpoint.pkl"

@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 import lmaas_client.client as client_module
 from lmaas_client import LMaaSClient
 from lmaas_client.cli import app
-from lmaas_client.data import load_split
 from lmaas_client.evaluation import NO_PROMPT, TaskScorer
 from lmaas_client.prompt_io import load_prompt
 from lmaas_client.runner import Progress, RunConfig, run_tuning
 from lmaas_client.tasks import get_task
+from lmaas_client.tasks.data import load_split
 from lmaas_client.tuners import make_tuner
 from lmaas_protocol import EvaluateRequest, Example
 from tests.conftest import REPO, free_port
