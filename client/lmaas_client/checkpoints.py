@@ -21,6 +21,13 @@ from typing import Any
 BLOB_MIN_BYTES = 64 * 1024
 BLOB_DIR_SUFFIX = ".blobs"
 _BLOB_TAG = "lmaas-blob"
+# Classes that checkpoints of earlier versions name by a module they have left: (old module, class) -> new
+# module. Unpickling looks the class up where it lives now, so an old run folder still resumes.
+MOVED_CLASSES: dict[tuple[str, str], str] = {
+    ("lmaas_client.tuners.base", "PromptCandidate"): "lmaas_client.prompts",
+    ("lmaas_client.tuners.base", "ProjectedZ"): "lmaas_client.prompts",
+    ("lmaas_client.tuners.base", "LowRank"): "lmaas_client.prompts",
+}
 # path -> {id(value): (value, digest)} of the previous save; holding `value` keeps its id from being reused
 _previous: dict[str, dict[int, tuple[bytes, str]]] = {}
 
@@ -85,6 +92,9 @@ class _BlobUnpickler(pickle.Unpickler):
     def __init__(self, handle, blob_dir: Path):
         super().__init__(handle)
         self.blob_dir = blob_dir
+
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(MOVED_CLASSES.get((module, name), module), name)
 
     def persistent_load(self, pid: Any) -> bytes:
         tag, digest = pid

@@ -10,8 +10,8 @@ import numpy as np
 from lmaas_client import metrics
 from lmaas_client.client import LMaaSClient
 from lmaas_client.errors import NotFoundError
+from lmaas_client.prompts import PromptCandidate, named_specs, projection_names
 from lmaas_client.tasks import Placement, TaskError, TaskSpec
-from lmaas_client.tuners.base import PromptCandidate, named_specs, projection_names
 from lmaas_protocol import EvaluateRequest, EvaluateResponse, Example, InputsSpec
 
 NO_PROMPT = PromptCandidate()  # empty {prompt} slot: the manual-prompt (zero-shot) baseline

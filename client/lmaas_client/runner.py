@@ -22,9 +22,10 @@ from lmaas_client.errors import BudgetExhaustedError
 from lmaas_client.evaluation import NO_PROMPT, TaskScorer
 from lmaas_client.plots import plot_curve
 from lmaas_client.prompt_io import save_prompt
+from lmaas_client.prompts import PromptCandidate
 from lmaas_client.tasks import Placement, TaskSpec
 from lmaas_client.tasks.data import TestSize, load_task_data
-from lmaas_client.tuners.base import PromptCandidate, Tuner
+from lmaas_client.tuners.base import Tuner
 
 CHECKPOINT = "checkpoint.pkl"
 CHECKPOINT_VERSION = 1

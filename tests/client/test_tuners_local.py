@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 from lmaas_client import LMaaSClient
-from lmaas_client.data import load_split
 from lmaas_client.evaluation import TaskScorer
 from lmaas_client.local_model import LocalModel, LocalModelError, project
 from lmaas_client.prompt_io import load_prompt
+from lmaas_client.prompts import PromptCandidate
 from lmaas_client.runner import RunConfig, run_tuning
 from lmaas_client.tasks import get_task
-from lmaas_client.tuners import TUNERS, PromptCandidate, make_tuner
+from lmaas_client.tasks.data import load_split
+from lmaas_client.tuners import TUNERS, make_tuner
 from lmaas_client.tuners.gdfo import GDFOTuner
 from lmaas_client.tuners.prompt_tuning import PromptTuning
 from tests.conftest import REPO

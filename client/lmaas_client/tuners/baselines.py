@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from lmaas_client.tuners.base import PromptCandidate, Tuner, TunerConfig, register_tuner
+from lmaas_client.prompts import PromptCandidate
+from lmaas_client.tuners.base import Tuner, TunerConfig, register_tuner
 from lmaas_protocol import Example
 from lmaas_protocol.templates import parse_template
 

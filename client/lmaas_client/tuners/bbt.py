@@ -17,8 +17,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from lmaas_client.prompts import ProjectedZ, PromptCandidate
 from lmaas_client.tuners import cmaes
-from lmaas_client.tuners.base import ProjectedZ, PromptCandidate, Tuner, TunerConfig, register_tuner
+from lmaas_client.tuners.base import Tuner, TunerConfig, register_tuner
 from lmaas_protocol import ModelInfo, ProjectionSpec
 
 

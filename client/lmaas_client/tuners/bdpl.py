@@ -74,7 +74,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field
 
-from lmaas_client.tuners.base import PromptCandidate, Tuner, TunerConfig, register_tuner
+from lmaas_client.prompts import PromptCandidate
+from lmaas_client.tuners.base import Tuner, TunerConfig, register_tuner
 from lmaas_protocol import ModelInfo
 from lmaas_protocol.candidates import MAX_PROMPT_TOKENS
 

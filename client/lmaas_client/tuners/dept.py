@@ -21,8 +21,9 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from lmaas_client.prompts import LowRank, ProjectedZ, PromptCandidate
 from lmaas_client.tuners import cmaes
-from lmaas_client.tuners.base import LowRank, ProjectedZ, PromptCandidate, TunerConfig, register_tuner
+from lmaas_client.tuners.base import TunerConfig, register_tuner
 from lmaas_client.tuners.bbt import CMATuner, placeholder_tokens, projection_spec
 from lmaas_protocol import ModelInfo, ProjectionSpec, materialize, project
 

@@ -39,7 +39,8 @@ import numpy as np
 from pydantic import Field
 
 from lmaas_client import metrics
-from lmaas_client.tuners.base import PromptCandidate, Tuner, TunerConfig, register_tuner
+from lmaas_client.prompts import PromptCandidate
+from lmaas_client.tuners.base import Tuner, TunerConfig, register_tuner
 
 ADAMW_LR = 0.01
 ADAFACTOR_LR = 0.3  # Lester et al.

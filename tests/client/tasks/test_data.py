@@ -12,9 +12,9 @@ import pytest
 from lmaas_client import LMaaSClient, metrics
 from lmaas_client.evaluation import build_verbalizer
 from lmaas_client.prompt_io import load_prompt, save_prompt
+from lmaas_client.prompts import PromptCandidate
 from lmaas_client.tasks import TASKS, TaskError, TaskSpec, get_task
 from lmaas_client.tasks.data import load_split, resolve_data_dir, split_path, stratified_subsample
-from lmaas_client.tuners import PromptCandidate
 from lmaas_protocol import Example, parse_template
 from tests.conftest import REPO
 from tests.support.tiny_models import KINDS
