@@ -36,6 +36,9 @@ class Tuner(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[TunerConfig]]
     black_box: ClassVar[bool] = True  # False: a baseline that spends no API calls on search
+    # the points behind the last ask()'s candidates, one per candidate (set by ask(), cleared by tell());
+    # a method's state_dict saves it
+    _pending: Any = None
 
     def __init__(self, config: TunerConfig, model: ModelInfo):
         self.config = config
@@ -50,9 +53,19 @@ class Tuner(ABC):
     def ask(self) -> list[PromptCandidate]:
         """The next candidates to score (one API call each); [] when there is nothing left to search."""
 
-    @abstractmethod
     def tell(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
-        """The losses (and [examples, classes] logits) of the candidates of the last ask(), in order."""
+        """The losses (and [examples, classes] logits) of the candidates of the last ask(), in order.
+
+        Checked here once for every method: a search method gets exactly one loss per asked candidate.
+        """
+        if self.black_box and (self._pending is None or len(losses) != len(self._pending)):
+            raise ValueError("tell() needs one loss per candidate of the last ask()")
+        self.update(losses, logits)
+        self._pending = None
+
+    @abstractmethod
+    def update(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None) -> None:
+        """The method's step on a checked tell(); `self._pending` still holds the last ask()'s points."""
 
     def observe(self, candidates: Sequence[PromptCandidate], losses: Sequence[float]) -> None:
         """Track the lowest-loss candidate seen, including ones that are not told (a budget's last partial ask)."""
@@ -66,19 +79,3 @@ class Tuner(ABC):
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-TUNERS: dict[str, type[Tuner]] = {}
-
-
-def register_tuner(cls: type[Tuner]) -> type[Tuner]:
-    TUNERS[cls.name] = cls
-    return cls
-
-
-def make_tuner(method: str, model: ModelInfo, **options: Any) -> Tuner:
-    """Build a registered tuner; unknown methods or options raise ValueError naming them."""
-    if method not in TUNERS:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(TUNERS))}")
-    cls = TUNERS[method]
-    return cls(cls.config_class(**options), model)

@@ -75,7 +75,7 @@ import numpy as np
 from pydantic import Field
 
 from lmaas_client.prompts import PromptCandidate
-from lmaas_client.tuners.base import Tuner, TunerConfig, register_tuner
+from lmaas_client.tuners.base import Tuner, TunerConfig
 from lmaas_protocol import ModelInfo
 from lmaas_protocol.candidates import MAX_PROMPT_TOKENS
 
@@ -102,7 +102,6 @@ class BDPLConfig(TunerConfig):
     min_pmi: float = Field(1.0, description="Pairs with at least this PMI are joined into n-grams.")
 
 
-@register_tuner
 class BDPLTuner(Tuner):
     name = "bdpl"
     config_class = BDPLConfig
@@ -173,9 +172,7 @@ class BDPLTuner(Tuner):
         self._pending = samples
         return [self.prompt(row) for row in samples]
 
-    def tell(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
-        if self._pending is None or len(losses) != len(self._pending):
-            raise ValueError("tell() needs one loss per candidate of the last ask()")
+    def update(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
         values = np.asarray(losses, dtype=np.float64)
         if not np.all(np.isfinite(values)):
             raise ValueError(f"BDPL needs finite losses, got {values.tolist()}")
@@ -187,7 +184,6 @@ class BDPLTuner(Tuner):
         m_hat = self.m / (1 - BETA1**self.step)
         v_hat = self.v / (1 - BETA2**self.step)
         self.probs = project_simplex(self.probs - self.config.lr * m_hat / (np.sqrt(v_hat) + ADAM_EPS))
-        self._pending = None
         self._refresh_best()
 
     def observe(self, candidates: Sequence[PromptCandidate], losses: Sequence[float]) -> None:

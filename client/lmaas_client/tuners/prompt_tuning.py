@@ -40,7 +40,7 @@ from pydantic import Field
 
 from lmaas_client import metrics
 from lmaas_client.prompts import PromptCandidate
-from lmaas_client.tuners.base import Tuner, TunerConfig, register_tuner
+from lmaas_client.tuners.base import Tuner, TunerConfig
 
 ADAMW_LR = 0.01
 ADAFACTOR_LR = 0.3  # Lester et al.
@@ -62,7 +62,6 @@ class PromptTuningConfig(TunerConfig):
     check_model: bool = Field(True, description="Refuse a local model that does not look like the served one.")
 
 
-@register_tuner
 class PromptTuning(Tuner):
     name = "prompt-tuning"
     config_class = PromptTuningConfig
@@ -147,7 +146,7 @@ class PromptTuning(Tuner):
     def ask(self) -> list[PromptCandidate]:
         return []
 
-    def tell(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
+    def update(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
         raise ValueError("prompt tuning asks for nothing: it trains locally in setup()")
 
     def state_dict(self) -> dict[str, Any]:
