@@ -7,12 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmaas_client import metrics
 from lmaas_client.client import LMaaSClient
 from lmaas_client.errors import NotFoundError
 from lmaas_client.prompts import PromptCandidate, named_specs, projection_names
 from lmaas_client.tasks import Placement, TaskError, TaskSpec
-from lmaas_protocol import EvaluateRequest, EvaluateResponse, Example, InputsSpec
+from lmaas_protocol import EvaluateRequest, EvaluateResponse, Example, InputsSpec, scoring
 
 NO_PROMPT = PromptCandidate()  # empty {prompt} slot: the manual-prompt (zero-shot) baseline
 
@@ -101,8 +100,8 @@ class TaskScorer:
         return [
             Scores(
                 logits,
-                metrics.loss(loss, logits, labels, self.task.metric),
-                metrics.score(self.task.metric, logits, labels),
+                scoring.loss(loss, logits, labels, self.task.metric),
+                scoring.score(self.task.metric, logits, labels),
             )
             for logits in self.logits(examples, candidates, cached)
         ]

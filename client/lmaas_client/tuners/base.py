@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmaas_client.metrics import LossName
 from lmaas_client.prompts import PromptCandidate
 from lmaas_protocol import ModelInfo
+from lmaas_protocol.scoring import LossName
 
 if TYPE_CHECKING:
     from lmaas_client.context import TuneContext

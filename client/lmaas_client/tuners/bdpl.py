@@ -49,7 +49,7 @@ Search (one API call per sampled prompt, the runner scores each on the whole tra
   with SmolLM2, 200 calls = 10 steps: lr 1e-4 left every row within 0.001 of uniform (the argmax prompt is
   then tie-breaking noise); lr 1e-2 cut each row's entropy from 5.3 to ~3.5 nats (~40 live tokens).
   No learning-rate schedule (the reference builds one and never steps it).
-- Losses come from the run's `loss` option (`metrics.loss`, whose hinge sign is correct; the reference
+- Losses come from the run's `loss` option (`scoring.loss`, whose hinge sign is correct; the reference
   inverts it).
 
 Selection (`select`): "argmax" (default, the paper's evaluation): `best` is the prompt of the argmax token
