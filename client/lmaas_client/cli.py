@@ -16,12 +16,12 @@ from lmaas_client.client import DEFAULT_BASE_URL, LMaaSClient
 from lmaas_client.errors import BudgetExhaustedError, LMaaSError
 from lmaas_client.evaluation import TaskScorer
 from lmaas_client.prompt_io import load_prompt
-from lmaas_client.runner import Progress as RunProgress
-from lmaas_client.runner import RunConfig, read_run_config, run_tuning, write_run_config
+from lmaas_client.results import Progress as RunProgress
+from lmaas_client.run import Run, RunConfig
 from lmaas_client.tasks import TASKS, TaskError
 from lmaas_client.tasks.data import load_split, load_test
 from lmaas_client.tasks.files import is_task_file, resolve_task, save_task_file, user_task
-from lmaas_client.tuners import TUNERS, make_tuner
+from lmaas_client.tuners import TUNERS
 
 app = typer.Typer(help="lmaas client: black-box prompt tuning over HTTP.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -102,7 +102,7 @@ def tune(
     """Tune a prompt for a task with a black-box method, under a call budget (resumable)."""
     if resume:
         with _errors():
-            config, saved_server = read_run_config(out)
+            config, saved_server = Run.read_settings(out)
         server = server if server != DEFAULT_BASE_URL else saved_server
     else:
         options = _parse_options(option or [])
@@ -117,14 +117,9 @@ def tune(
         config = RunConfig(task, method, budget, seed, placement, eval_every, _test_size(test_size),  # type: ignore[arg-type]
                            str(data_dir) if data_dir else None, options, _call_counts(test_at))  # fmt: skip
     with _errors(), LMaaSClient(server, api_key=api_key) as client:
-        spec = resolve_task(config.task)
-        tuner = make_tuner(config.method, client.model_info(), **config.options)
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            write_run_config(out, config, server)
+        run = Run.resume(out, client) if resume else Run.create(out, config, client, server=server)
         with _progress_bar(config.budget) as update:
-            result = run_tuning(client, spec, tuner, config, out, on_progress=update, resume=resume)
-        (out / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+            result = run.tune(on_progress=update)
     if result.status == "budget_exhausted":
         console.print(
             f"[red]budget exhausted[/] after {result.calls_used}/{config.budget} calls; the checkpoint in {out} is "
@@ -132,7 +127,7 @@ def tune(
         )
         raise typer.Exit(EXIT_BUDGET)
     console.print(
-        f"[bold]{spec.name}/{config.method}[/] seed {config.seed}: manual prompt {result.manual_prompt_test_acc:.4f} "
+        f"[bold]{run.task.name}/{config.method}[/] seed {config.seed}: manual prompt {result.manual_prompt_test_acc:.4f} "
         f"-> tuned {result.test_acc:.4f} test {result.metric} (best dev {_fmt(result.best_dev_acc)}); calls used "
         f"{result.calls_used}/{config.budget} (+{result.eval_calls} for dev/test); {result.seconds:.0f} s; wrote {out}"
     )

@@ -14,7 +14,7 @@ from lmaas_client import LMaaSClient
 from lmaas_client.cli import app
 from lmaas_client.evaluation import NO_PROMPT, TaskScorer
 from lmaas_client.prompt_io import load_prompt
-from lmaas_client.runner import Progress, RunConfig, run_tuning
+from lmaas_client.run import Progress, RunConfig, run_tuning
 from lmaas_client.tasks import get_task
 from lmaas_client.tasks.data import load_split
 from lmaas_client.tuners import make_tuner

@@ -1,8 +1,9 @@
 """The tuner interface: ask/tell objects that hold their own state and can be checkpointed.
 
-A tuner never talks to the server directly. The runner asks it for candidate prompts, scores them through
-the API on the training set (one call each) and tells it the losses (and the label-word logits, which
-distillation-based methods use); `state_dict()` captures everything needed to continue exactly.
+A tuner never talks to the server directly. The run (`lmaas_client.run`) asks it for candidate prompts,
+scores them through the API on the training set (one call each) and tells it the losses (and the
+label-word logits, which distillation-based methods use); `state_dict()` captures everything needed to
+continue exactly.
 Methods without a black-box search (baselines) do their work in `setup()` and ask for nothing.
 """
 
