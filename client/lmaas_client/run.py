@@ -11,7 +11,8 @@ After every generation the run writes a checkpoint (tuner state, RNG states insi
 calls, curve); a resumed run ends as an uninterrupted run with the same seed would.
 
 The run folder, every file written here: run.json (settings, so `lmaas tune --resume` rebuilds the run),
-checkpoint.pkl (+ checkpoint.pkl.blobs/), prompt.npz, curve.png and result.json.
+task.json (a task given by the CLI's flags), checkpoint.pkl (+ checkpoint.pkl.blobs/), prompt.npz, curve.png
+and result.json.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,12 @@ from lmaas_client.results import Progress, RunResult, RunState
 from lmaas_client.selection import DevSelection
 from lmaas_client.tasks import Placement, TaskSpec
 from lmaas_client.tasks.data import TaskData, TestSize, load_task_data
-from lmaas_client.tasks.files import resolve_task
+from lmaas_client.tasks.files import resolve_task, save_task_file
 from lmaas_client.tuners import make_tuner
 from lmaas_client.tuners.base import Tuner
 
-RUN_JSON, RESULT_JSON, CHECKPOINT, PROMPT_FILE, CURVE_FILE = (
-    "run.json", "result.json", "checkpoint.pkl", "prompt.npz", "curve.png"
+RUN_JSON, TASK_JSON, RESULT_JSON, CHECKPOINT, PROMPT_FILE, CURVE_FILE = (
+    "run.json", "task.json", "result.json", "checkpoint.pkl", "prompt.npz", "curve.png"
 )  # fmt: skip
 CHECKPOINT_VERSION = 1
 
@@ -88,8 +89,15 @@ class Run:
 
     @classmethod
     def create(cls, folder: str | Path, config: RunConfig, client: LMaaSClient | None = None, *,
-               server: str | None = None, api_key: str | None = None) -> Run:  # fmt: skip
-        """A new run in `folder` (run.json written now); without a client, one to `server` that the run closes."""
+               server: str | None = None, api_key: str | None = None, task: TaskSpec | None = None) -> Run:  # fmt: skip
+        """A new run in `folder` (run.json written now); without a client, one to `server` that the run closes.
+
+        `task`: a user task built in code (the CLI's flags); it is saved as task.json in the folder and
+        `config.task` names that file, so the run can be resumed and its prompt re-scored later.
+        """
+        if task is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            config = replace(config, task=str(save_task_file(task, Path(folder) / TASK_JSON).resolve()))
         owned = client is None
         client = client or LMaaSClient(server, api_key=api_key)
         try:

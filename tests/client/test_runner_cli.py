@@ -260,3 +260,23 @@ def test_test_at_records_a_learning_curve_on_test(live_server):
 def test_cli_test_at_must_be_call_counts(tmp_path):
     result = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "run"), "--test-at", "100,x"])
     assert result.exit_code != 0 and "--test-at" in result.output
+
+
+def test_cli_tune_a_task_given_by_flags_saves_it_in_the_run_folder_and_resumes(live_server, tmp_path):
+    sample = REPO / "tests" / "client" / "data" / "yelp_sample.csv"
+    out = tmp_path / "run"
+    flags = ("--train", str(sample), "--dev", str(sample), "--test", str(sample), "--label-column", "label",
+             "--text-a", "text", "--label-name", "negative", "--label-name", "positive", "--label-word", " bad",
+             "--label-word", " great", "--template", "{prompt}Review: {text_a}\\nSentiment:{mask}")  # fmt: skip
+    with live_server("llama") as server:
+        tuned = cli("tune", "--out", str(out), "--server", server.url, "--task", "yelp-flags", "--budget", "3",
+                    "--popsize", "3", "--prompt-length", "2", "--intrinsic-dim", "8", "--eval-every", "3",
+                    *flags)  # fmt: skip
+        assert tuned.exit_code == 0, tuned.output
+        settings = json.loads((out / "run.json").read_text())
+        assert settings["task"] == str((out / "task.json").resolve())
+        assert json.loads((out / "task.json").read_text())["name"] == "yelp-flags"
+        resumed = cli("tune", "--out", str(out), "--resume", "--server", server.url)
+        assert resumed.exit_code == 0, resumed.output
+    result = json.loads((out / "result.json").read_text())
+    assert result["task"] == "yelp-flags" and result["calls_used"] == 3
