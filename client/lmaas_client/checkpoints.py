@@ -8,13 +8,21 @@ the hashes. A save writes the new blobs (fsynced), then replaces the checkpoint 
 deletes the blobs it no longer names, so a crash at any point leaves a complete previous or new checkpoint.
 Hashing is skipped for the very `bytes` objects the previous save of the same file stored (a tuner that
 caches the serialised state of its unchanged parts, as BBTv2 does, then costs one blob per save).
+
+Loading never runs code named by the file. Run folders get shared (benchmarks commit them), so a checkpoint
+is untrusted input: the unpickler resolves only the classes and functions a tuner's state is made of
+(`ALLOWED`: pycma's strategy parts, numpy arrays and generators, lmaas' prompt types), refuses anything else
+with `CheckpointError`, accepts only blob names that are digests, and checks each blob against its digest.
+pycma evaluates option strings only through its own `safe_str` allow-list.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +38,46 @@ MOVED_CLASSES: dict[tuple[str, str], str] = {
 }
 # path -> {id(value): (value, digest)} of the previous save; holding `value` keeps its id from being reused
 _previous: dict[str, dict[int, tuple[bytes, str]]] = {}
+_DIGEST = re.compile(r"[0-9a-f]{40}")
+
+_CMA = {
+    "cma.boundary_handler": {"BoundNone", "BoundTransform", "BoundPenalty"},
+    "cma.evolution_strategy": {
+        "CMAEvolutionStrategy",
+        "_CMASolutionDict_functional",
+        "_CMAStopDict",
+        "_StopTolXStagnation",
+        "_pass",
+    },
+    "cma.logger": {"CMADataLogger"},
+    "cma.optimization_tools": {"BestSolution"},
+    "cma.options_parameters": {"CMAOptions", "CMAParameters", "is_feasible"},
+    "cma.recombination_weights": {"RecombinationWeights"},
+    "cma.sampler": {"GaussFullSampler", "GaussDiagonalSampler"},
+    "cma.sigma_adaptation": {"CMAAdaptSigmaCSA", "CMAAdaptSigmaTPA", "_TPAParameters"},
+    "cma.transformations": {"DiagonalDecoding", "GenoPheno", "RoundIntegerVariables"},
+    "cma.utilities.utils": {"BlancClass", "DictFromTagsInString", "ElapsedWCTime", "MoreToWrite", "SolutionDict"},
+}
+_NUMPY = {
+    "numpy": {"dtype", "ndarray"},
+    "numpy.linalg": {"eigh"},  # pycma keeps its eigen-solver as an attribute
+    "numpy.random._pcg64": {"PCG64"},
+    "numpy.random._pickle": {"__bit_generator_ctor", "__generator_ctor"},
+    "numpy.random.bit_generator": {"SeedSequence", "__pyx_unpickle_SeedSequence"},
+    **{f"numpy.{core}.{module}": names for core in ("core", "_core")
+       for module, names in (("multiarray", {"_reconstruct", "scalar"}), ("numeric", {"_frombuffer"}))},
+}  # fmt: skip
+_LMAAS = {
+    "lmaas_client.prompts": {"PromptCandidate", "ProjectedZ", "LowRank"},  # and their old names (MOVED_CLASSES)
+    "lmaas_client.tuners.cmaes": {"SeededGaussian"},
+    "lmaas_protocol.projection": {"ProjectionSpec"},
+}
+ALLOWED: dict[str, set[str]] = {**_CMA, **_NUMPY, **_LMAAS}
+_SAFE_BUILTINS = {"set", "frozenset", "complex", "slice", "range", "bytearray"}
+
+
+class CheckpointError(pickle.UnpicklingError):
+    """A checkpoint that is not what lmaas writes: refused before anything in it runs."""
 
 
 def save(path: Path, payload: Any) -> int:
@@ -56,8 +104,14 @@ def save(path: Path, payload: Any) -> int:
 
 
 def load(path: Path) -> Any:
+    """The payload `save` wrote, resolving only `ALLOWED` globals (`CheckpointError` otherwise)."""
     with path.open("rb") as handle:
-        return _BlobUnpickler(handle, path.with_name(path.name + BLOB_DIR_SUFFIX)).load()
+        return _BlobUnpickler(handle, path.with_name(path.name + BLOB_DIR_SUFFIX), str(path)).load()
+
+
+def loads(data: bytes, source: str = "checkpoint data") -> Any:
+    """Bytes pickled inside a checkpoint (e.g. a pycma strategy), under the same allow-list as `load`."""
+    return _BlobUnpickler(io.BytesIO(data), None, source).load()
 
 
 class _BlobPickler(pickle.Pickler):
@@ -89,18 +143,30 @@ class _BlobPickler(pickle.Pickler):
 
 
 class _BlobUnpickler(pickle.Unpickler):
-    def __init__(self, handle, blob_dir: Path):
+    def __init__(self, handle, blob_dir: Path | None, source: str):
         super().__init__(handle)
-        self.blob_dir = blob_dir
+        self.blob_dir, self.source = blob_dir, source
 
     def find_class(self, module: str, name: str) -> Any:
-        return super().find_class(MOVED_CLASSES.get((module, name), module), name)
+        module = MOVED_CLASSES.get((module, name), module)  # an older checkpoint's name for a moved class
+        allowed = name in _SAFE_BUILTINS if module == "builtins" else name in ALLOWED.get(module, ())
+        if not allowed:
+            raise CheckpointError(
+                f"{self.source} names {module}.{name}, which a tuner checkpoint never holds: refusing to load it "
+                "(checkpoints from other sources may run code; start a new run instead)"
+            )
+        return super().find_class(module, name)
 
     def persistent_load(self, pid: Any) -> bytes:
-        tag, digest = pid
-        if tag != _BLOB_TAG:
-            raise pickle.UnpicklingError(f"unknown persistent id {tag!r}")
+        if not (isinstance(pid, tuple) and len(pid) == 2 and pid[0] == _BLOB_TAG and isinstance(pid[1], str)):
+            raise CheckpointError(f"{self.source}: unknown persistent id {pid!r}")
+        digest = pid[1]
+        if self.blob_dir is None or not _DIGEST.fullmatch(digest):  # a name, never a path
+            raise CheckpointError(f"{self.source}: invalid blob reference {digest!r}")
         try:
-            return (self.blob_dir / digest).read_bytes()
+            data = (self.blob_dir / digest).read_bytes()
         except FileNotFoundError as exc:
             raise pickle.UnpicklingError(f"checkpoint blob {self.blob_dir / digest} is missing") from exc
+        if hashlib.blake2b(data, digest_size=20).hexdigest() != digest:
+            raise CheckpointError(f"checkpoint blob {self.blob_dir / digest} does not match its digest")
+        return data

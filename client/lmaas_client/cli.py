@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -12,15 +13,18 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from lmaas_client.calibration import Calibration
 from lmaas_client.client import DEFAULT_BASE_URL, LMaaSClient
 from lmaas_client.errors import BudgetExhaustedError, LMaaSError
 from lmaas_client.evaluation import TaskScorer
+from lmaas_client.predict import OutputFile, Predictor, predict_file
 from lmaas_client.prompt_io import load_prompt
 from lmaas_client.results import Progress as RunProgress
 from lmaas_client.run import Run, RunConfig
 from lmaas_client.tasks import TASKS, TaskError, TaskSpec
 from lmaas_client.tasks.data import load_split, load_test
 from lmaas_client.tasks.files import is_task_file, resolve_task, user_task
+from lmaas_client.tasks.readers import read_rows
 from lmaas_client.tuners import TUNERS
 
 app = typer.Typer(help="lmaas client: black-box prompt tuning over HTTP.", no_args_is_help=True)
@@ -46,6 +50,26 @@ def info(server: Server = DEFAULT_BASE_URL, api_key: ApiKey = None) -> None:
     """Show the served model and the server's limits."""
     with _errors(), LMaaSClient(server, api_key=api_key) as client:
         typer.echo(client.model_info().model_dump_json(indent=2))
+
+
+@app.command()
+def usage(
+    server: Server = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the server's JSON answer.")] = False,
+) -> None:
+    """Show your key's budget, calls used and remaining, and its newest requests."""
+    with _errors(), LMaaSClient(server, api_key=api_key) as client:
+        report = client.usage()
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+        return
+    tokens = "" if report.token_budget is None else f"; tokens {report.tokens_used:,}/{report.token_budget:,}"
+    console.print(f"key {report.key_prefix} ({report.name}): {report.used:,}/{report.budget:,} calls used, "
+                  f"{report.remaining:,} left{tokens}")  # fmt: skip
+    for entry in report.recent[:10]:
+        console.print(f"  {entry.created_at:%Y-%m-%d %H:%M:%S}  {entry.endpoint:<12} {entry.calls:>4} calls  "
+                      f"{entry.status}")  # fmt: skip
 
 
 @app.command()
@@ -164,10 +188,42 @@ def evaluate(
         else:
             examples = load_split(spec, split, split_seed, data_dir)  # type: ignore[arg-type]
         scorer = TaskScorer(client, spec, meta.get("placement", "prefix"))
-        scores = scorer.score(examples, [candidate])[0]
+        calibration = Calibration.from_json(meta["calibration"]) if meta.get("calibration") else None
+        scores = scorer.score(examples, [candidate], calibration=calibration)[0]
     report = {"task": spec.name, "split": split, "seed": split_seed, "examples": len(examples),
-              "metric": spec.metric, "score": scores.metric, "loss": scores.loss, "calls": scorer.calls}  # fmt: skip
+              "metric": spec.metric, "score": scores.metric, "loss": scores.loss, "calls": scorer.calls,
+              "calibrated": calibration is not None}  # fmt: skip
     typer.echo(json.dumps(report, indent=2))
+
+
+@app.command()
+def predict(
+    prompt: Annotated[Path, typer.Option(help="A prompt.npz written by `lmaas tune`.")],
+    input: Annotated[Path, typer.Option("--input", help="Texts to classify: CSV, TSV or JSONL.")],
+    out: Annotated[Path, typer.Option(help="Predictions: .jsonl or .csv (continued if it exists).")],
+    server: Server = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+    text_a: Annotated[str, typer.Option(help="Column of the (first) text.")] = "text_a",
+    text_b: Annotated[Optional[str], typer.Option(help="Column of the second text (pairs).")] = None,
+    label_column: Annotated[str, typer.Option(help="Column of gold labels, if the file has it (accuracy).")] = "label",
+    id_column: Annotated[str, typer.Option(help="Column of row ids, if the file has it [default: row number].")] = "id",
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Rows per request (one call each).")] = None,
+) -> None:
+    """Classify new texts with a tuned prompt: per row the label, class probabilities and id (resumable)."""
+    with _errors(), LMaaSClient(server, api_key=api_key) as client:
+        predictor = Predictor(client, prompt)
+        columns = {"text_a": text_a, "label": label_column, "id": id_column, **({"text_b": text_b} if text_b else {})}
+        rows = read_rows(input, columns, predictor.label_names, optional=("label", "id"))  # every check before a call
+        try:
+            with _rows_bar(len(rows)) as update:
+                summary = predict_file(predictor, rows, out, batch_size, on_batch=update)
+        except BudgetExhaustedError as exc:
+            written = len(OutputFile(out, predictor.label_names).finished_ids())
+            console.print(f"[red]budget exhausted:[/] {exc}; {written}/{len(rows)} rows are in {out}: top up the "
+                          "key and run the same command again to continue")  # fmt: skip
+            raise typer.Exit(EXIT_BUDGET) from None
+    accuracy = "" if summary.accuracy is None else f", accuracy {summary.accuracy:.4f}"
+    console.print(f"{summary.rows} rows classified into {out} ({summary.calls} calls{accuracy})")
 
 
 def UserTask(help: str):
@@ -238,7 +294,7 @@ class _errors:
         if isinstance(exc, BudgetExhaustedError):
             console.print(f"[red]budget exhausted:[/] {exc}")
             raise typer.Exit(EXIT_BUDGET)
-        if isinstance(exc, (LMaaSError, TaskError, ValidationError, ValueError, OSError)):
+        if isinstance(exc, (LMaaSError, TaskError, ValidationError, ValueError, OSError, pickle.UnpicklingError)):
             console.print(f"[red]error:[/] {_describe(exc)}")
             raise typer.Exit(EXIT_ERROR)
         return False
@@ -278,6 +334,23 @@ class _progress_bar:
             return
         dev = f"{state.dev_score:.4f}" if state.dev_score is not None else "-"
         self.progress.update(self.task_id, completed=state.calls_used, loss=f"{state.best_train_loss:.4f}", dev=dev)
+
+
+class _rows_bar:
+    """A rich progress bar over rows classified."""
+
+    def __init__(self, total: int):
+        self.progress = Progress(TextColumn("[bold]classifying"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console,
+                                 disable=os.environ.get("LMAAS_NO_PROGRESS") == "1")  # fmt: skip
+        self.task_id = self.progress.add_task("predict", total=total)
+
+    def __enter__(self):
+        self.progress.start()
+        return lambda done: self.progress.update(self.task_id, completed=done)
+
+    def __exit__(self, *exc_info) -> None:
+        self.progress.stop()
 
 
 if __name__ == "__main__":

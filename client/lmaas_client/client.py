@@ -40,6 +40,7 @@ from lmaas_protocol import (
     ModelInfo,
     TokenizeRequest,
     TokenizeResponse,
+    UsageResponse,
     encode_bundle,
 )
 
@@ -137,6 +138,10 @@ class LMaaSClient:
         """Per-layer hidden-state std on registered inputs (charged as one call, once across retries)."""
         body = LayerStdRequest(inputs=handle)
         return self._request("POST", "/layer_std", LayerStdResponse, body, idempotency_key=uuid.uuid4().hex)
+
+    def usage(self) -> UsageResponse:
+        """This key's budget, what it used and its newest requests (404 on a server without keys)."""
+        return self._request("GET", "/usage", UsageResponse)
 
     def close(self) -> None:
         self._http.close()

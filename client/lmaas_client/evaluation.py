@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lmaas_client import calibration as calibrating
+from lmaas_client.calibration import Calibration
 from lmaas_client.client import LMaaSClient
 from lmaas_client.errors import NotFoundError
 from lmaas_client.prompts import PromptCandidate, named_specs, projection_names
@@ -20,9 +22,10 @@ NO_PROMPT = PromptCandidate()  # empty {prompt} slot: the manual-prompt (zero-sh
 class Scores:
     """One candidate on one set of examples."""
 
-    logits: np.ndarray  # [examples, classes]
-    loss: float
+    logits: np.ndarray  # [examples, classes], as the server returned them
+    loss: float  # of the calibrated logits when a calibration was fitted or given
     metric: float
+    calibration: Calibration | None = None
 
 
 class TaskScorer:
@@ -95,16 +98,20 @@ class TaskScorer:
         candidates: Sequence[PromptCandidate],
         loss: str = "ce",
         cached: bool = False,
+        calibrate: bool = False,
+        calibration: Calibration | None = None,
     ) -> list[Scores]:
+        """Loss and metric per candidate; `calibrate` fits each candidate's own class bias on these examples
+        (zero calls: the logits are already here) and scores the corrected logits, `calibration` applies a
+        given one (a prompt's, fitted on the training set, to dev or test)."""
         labels = np.array([e.label for e in examples])
-        return [
-            Scores(
-                logits,
-                scoring.loss(loss, logits, labels, self.task.metric),
-                scoring.score(self.task.metric, logits, labels),
-            )
-            for logits in self.logits(examples, candidates, cached)
-        ]
+        scores = []
+        for logits in self.logits(examples, candidates, cached):
+            fitted = calibrating.fit(logits, labels) if calibrate else calibration
+            used = fitted.apply(logits) if fitted is not None else logits
+            scores.append(Scores(logits, scoring.loss(loss, used, labels, self.task.metric),
+                                 scoring.score(self.task.metric, used, labels), fitted))  # fmt: skip
+        return scores
 
 
 def build_verbalizer(client: LMaaSClient, words: Sequence[str]) -> list[list[int]]:

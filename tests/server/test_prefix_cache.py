@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import lmaas_server.engine as engine_module
+import lmaas_server.engine.engine as engine_module
 from lmaas_protocol import (
     Candidate,
     EvaluateRequest,

@@ -127,6 +127,49 @@ def read_examples(
     return examples
 
 
+def read_rows(
+    path: str | Path,
+    columns: Mapping[str, Column],
+    label_names: Sequence[str],
+    format: str | None = None,
+    header: bool = True,
+    optional: Sequence[str] = (),
+) -> list[tuple[str, Example]]:
+    """(row id, example) per row of a file to classify: text_a (and text_b) required; `label` and `id` columns
+    if given (an example's label is None without one; ids default to the 1-based row number). Roles named in
+    `optional` are dropped when the header (or the first JSON line) lacks their column."""
+    path = Path(path)
+    fmt = file_format(path, format)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise TaskError(f"{path}: cannot read the input file ({exc.strerror or exc})") from None
+    text = decode_text(raw, path)
+    if optional and (header or fmt == "jsonl"):
+        first = next(iter(_any_rows(text, path, fmt, False, {})), (0, {}))[1]
+        names = set(first) if isinstance(first, dict) else {cell.strip() for cell in first}
+        columns = {role: c for role, c in columns.items() if role not in optional or c in names}
+    labels = _LabelReader(label_names, None, columns["label"]) if "label" in columns else None
+    rows, ids = [], set()
+    for number, (line, row) in enumerate(_any_rows(text, path, fmt, header, columns), 1):
+        where = f"{path}:{line}"
+        fields = {role: _text(row, columns[role], role, where, fmt) for role in ("text_a", "text_b") if role in columns}
+        if labels is not None:
+            fields["label"] = labels.id(_cell(row, columns["label"], where, fmt), where)
+        row_id = str(_cell(row, columns["id"], where, fmt)) if "id" in columns else str(number)
+        if row_id in ids:
+            raise TaskError(f"{where}: id {row_id!r} appears twice in column {columns['id']!r}")
+        ids.add(row_id)
+        rows.append((row_id, Example(**fields)))
+    if not rows:
+        raise TaskError(f"{path}: the input file has no rows")
+    return rows
+
+
+def _any_rows(text: str, path: Path, fmt: str, header: bool, columns: Mapping[str, Column]):
+    return _jsonl_rows(text, path) if fmt == "jsonl" else _delimited_rows(text, path, fmt, header, columns)
+
+
 def _delimited_rows(text: str, path: Path, fmt: str, header: bool, columns: Mapping[str, Column]):
     """(line, {column: value}) or (line, [values]) per non-blank row of a CSV/TSV file."""
     options: dict[str, Any] = {"delimiter": ",", "strict": True} if fmt == "csv" else {
@@ -160,7 +203,7 @@ def _delimited_rows(text: str, path: Path, fmt: str, header: bool, columns: Mapp
                                 f"({'an unquoted comma or quote?' if fmt == 'csv' else 'a stray tab?'})")  # fmt: skip
             yield line, dict(zip(names, row, strict=True))
         else:
-            needed = max(int(c) for c in columns.values())
+            needed = max((int(c) for c in columns.values()), default=-1)
             if len(row) <= needed:
                 raise TaskError(f"{path}:{line}: malformed row: {len(row)} fields, but column index {needed} "
                                 f"is used (indices count from 0)")  # fmt: skip

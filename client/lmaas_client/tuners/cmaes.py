@@ -3,7 +3,6 @@ side and resumable), and `CMATuner`, the ask/tell base of every CMA method (BBT,
 
 from __future__ import annotations
 
-import pickle
 from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import cma
 import numpy as np
 
+from lmaas_client import checkpoints
 from lmaas_client.prompts import PromptCandidate
 from lmaas_client.tuners.base import Tuner
 
@@ -44,12 +44,12 @@ def strategy(dim: int, sigma: float, popsize: int, seed: int, bound: float | Non
 
 
 def dumps(es: cma.CMAEvolutionStrategy) -> bytes:
-    """pycma's own serialisation; written only to the user's own checkpoint files."""
+    """pycma's own serialisation, read back by `loads` under the checkpoint allow-list."""
     return es.pickle_dumps()
 
 
 def loads(data: bytes) -> cma.CMAEvolutionStrategy:
-    return pickle.loads(data)
+    return checkpoints.loads(data, "a saved CMA-ES state")
 
 
 class CMATuner(Tuner):

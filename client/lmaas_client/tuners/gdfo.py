@@ -101,9 +101,9 @@ class GDFOTuner(BBTTuner):
 
     def setup(self, context) -> None:
         """Load the student and render the training set for it (also on resume: the student is not saved)."""
-        from lmaas_client.local_model import LocalModel
+        from lmaas_client.local_model import load_local
 
-        student = LocalModel.load(self.config.student, device=self.config.student_device)
+        student = load_local(self.config.student, device=self.config.student_device)
         self.attach(student, context.task, context.train, context.placement)
 
     def attach(self, student, task, train, placement: str) -> None:
@@ -115,7 +115,7 @@ class GDFOTuner(BBTTuner):
         self.labels = torch.tensor([e.label for e in train], device=student.device)
         self.labels_np = np.array([e.label for e in train])
         template = task.template(student.family, placement)
-        self.verbalizer = student.verbalizer(task.label_words[student.family])
+        self.verbalizer = student.label_ids(task.label_words[student.family])
         rendered = student.render(template, train, c.prompt_length)
         self.examples = student.prepare(rendered, c.cache_text)
         self.student_tokens = placeholder_tokens(

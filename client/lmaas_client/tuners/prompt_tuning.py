@@ -4,7 +4,7 @@ P soft tokens are trained with gradient descent on a *local copy of the served m
 `local` extra: torch + transformers), on the cross-entropy (or hinge) loss over the verbalizer logits of the
 few-shot training set; everything else stays frozen. It therefore needs the same model locally:
 `local_model` names it (default: the server's offline default, SmolLM2-135M-Instruct) and `setup` refuses
-to train when it does not look like the served one (architecture, sizes, embedding std: `LocalModel.mismatch`).
+to train when it does not look like the served one (architecture, sizes, embedding std: `FrozenLM.mismatch`).
 
 - Init from class-label embeddings (the paper's best): row c < classes is the mean embedding of class c's
   label word; the remaining rows are embeddings of tokens drawn from the first 5,000 vocabulary ids (the
@@ -24,8 +24,8 @@ to train when it does not look like the served one (architecture, sizes, embeddi
   scores `best` on the test set through the API, so it is compared on the same server as the other methods.
 - A resumed run does not train again: the checkpoint's `best` is kept.
 
-Rendering, injection and label reading are the server's (`lmaas_client.local_model`), so the trained
-prompt means the same thing on the server; with a suffix placement on a causal LM the text before the
+Rendering, injection and label reading are the server's own code (`lmaas_runtime.FrozenLM`, loaded by
+`lmaas_client.local_model`), so the trained prompt means the same thing on the server; with a suffix placement on a causal LM the text before the
 prompt is computed once and only the prompt and the answer cue run per step.
 """
 
@@ -77,10 +77,10 @@ class PromptTuning(Tuner):
     def setup(self, context) -> None:
         if context.resumed:
             return
-        from lmaas_client.local_model import LocalModel, LocalModelError
+        from lmaas_client.local_model import LocalModelError, load_local
 
         start = time.perf_counter()
-        local = LocalModel.load(self.config.local_model, device=self.config.device)
+        local = load_local(self.config.local_model, device=self.config.device)
         problem = local.mismatch(context.info) if self.config.check_model else None
         if problem:
             raise LocalModelError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lmaas_protocol import Example, FieldError
-from lmaas_protocol.rendering import TemplateRenderer, special_token_frame
+from lmaas_runtime.rendering import TemplateRenderer, special_token_frame
 
 CLS, SEP, BOS, MASK = 1, 2, 3, 4
 

@@ -32,39 +32,39 @@ from lmaas_protocol import (
     scoring,
 )
 from lmaas_protocol.candidates import shape_of, spec_of
-from lmaas_protocol.rendering import TemplateRenderer
 from lmaas_protocol.templates import template_slots
-from lmaas_server import metrics, probes
+from lmaas_runtime import FrozenLM
+from lmaas_runtime.prefix import compute_prefix, eligible
+from lmaas_runtime.probes import probe_inputs
+from lmaas_runtime.rendering import TemplateRenderer
+from lmaas_runtime.rows import Row, RowPrompt, Verbalizer
+from lmaas_server import metrics
 from lmaas_server.budget import Account
 from lmaas_server.config import Settings
+from lmaas_server.engine.checks import prefix_cache_matches
+from lmaas_server.engine.inputs_store import InputsStore, PreparedInputs, Variant
+from lmaas_server.engine.prompts import CandidateDecoder
+from lmaas_server.engine.scheduler import Job, Scheduler
 from lmaas_server.errors import APIError, InvalidRequest
-from lmaas_server.inference import Forward, Row, Verbalizer
-from lmaas_server.inputs_store import InputsStore, PreparedInputs, Variant
-from lmaas_server.model_loading import LoadedModel, transformer_layers
-from lmaas_server.prefix_cache import compute_prefix, eligible
-from lmaas_server.prompts import CandidateDecoder, RowPrompt
-from lmaas_server.scheduler import Job, Scheduler
 
 log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, settings: Settings):
+    def __init__(self, loaded: FrozenLM, settings: Settings):
         self.loaded = loaded
         self.settings = settings
         self.causal = loaded.family == "causal"
-        model, tokenizer = loaded.model, loaded.tokenizer
-        self.vocab_size, self.hidden_size = model.get_input_embeddings().weight.shape
-        self.max_length = min(settings.max_seq_len, probes.model_max_length(loaded))
-        self.renderer = TemplateRenderer(tokenizer, self.causal, self.max_length)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = pad_id or 0
-        self.layers = transformer_layers(model)
-        self.forward = Forward(model, self.layers, self.causal, self.pad_id)
+        self.vocab_size, self.hidden_size = loaded.vocab_size, loaded.hidden_size
+        self.max_length = min(settings.max_seq_len, loaded.max_length)
+        self.renderer = TemplateRenderer(loaded.tokenizer, self.causal, self.max_length)
+        self.pad_id = loaded.pad_id
+        self.layers = loaded.layers
+        self.forward = loaded  # the runtime's model: `run(rows)` scores one batch on the scheduler's thread
         self.decoder = CandidateDecoder(loaded.device, loaded.dtype, settings.projection_cache_bytes)
         self.inputs = InputsStore(settings.max_input_handles, settings.input_cache_bytes)
         self.scheduler = Scheduler(self.forward, settings.max_batch_tokens)
-        self.prefix_cache = self.causal and settings.prefix_cache and probes.prefix_cache_matches(self)
+        self.prefix_cache = self.causal and settings.prefix_cache and prefix_cache_matches(self)
         self.info = self._describe()
 
     def close(self) -> None:
@@ -72,7 +72,7 @@ class Engine:
 
     def _describe(self) -> ModelInfo:
         model, tokenizer, config = self.loaded.model, self.loaded.tokenizer, self.loaded.model.config
-        embedding_std = probes.embedding_std(model.get_input_embeddings())
+        embedding_std = self.loaded.embedding_std
         return ModelInfo(
             name=self.loaded.name,
             family=self.loaded.family,
@@ -85,7 +85,7 @@ class Engine:
             embedding_std=embedding_std,
             layer_std=[
                 embedding_std,
-                *self.layer_std(self.prepare(probes.probe_inputs(self), enforce_limits=False))[1:],
+                *self.layer_std(self.prepare(probe_inputs(self.causal), enforce_limits=False))[1:],
             ],
             mask_token=tokenizer.mask_token if not self.causal else None,
             mask_token_id=tokenizer.mask_token_id if not self.causal else None,
@@ -206,7 +206,7 @@ class Engine:
     def layer_std(self, prepared: PreparedInputs) -> list[float]:
         """Per layer, the clipped std of the hidden states entering it, on these inputs (no prompt)."""
         rendered = prepared.variant(self.renderer, 0, 0).rendered
-        return self.scheduler.call(lambda: probes.layer_std(self.loaded.model, self.layers, rendered, self.pad_id))
+        return self.scheduler.call(lambda: self.loaded.layer_std(rendered))
 
     def measure_layer_std(
         self, request: LayerStdRequest, account: Account, owner: str | None = None

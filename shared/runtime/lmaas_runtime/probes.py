@@ -1,24 +1,23 @@
-"""Facts the engine measures about its model at start-up: lengths, embedding and layer stds, and whether
-the prefix cache reproduces the plain forward pass on this architecture."""
+"""Facts measured about a frozen model: its length limit, embedding and layer stds (the server reports them in
+`ModelInfo` at start-up; the client's local copy compares them with the served model's)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from lmaas_protocol import Example, InputsSpec
-from lmaas_protocol.rendering import RenderedExample
-from lmaas_server.model_loading import LoadedModel
-from lmaas_server.prompts import RowPrompt
+from lmaas_runtime.hooks import capture_layer_inputs
+from lmaas_runtime.rendering import RenderedExample
 
 log = logging.getLogger(__name__)
 
 EMBEDDING_STD_CHUNK = 8192  # vocabulary rows embedded at a time when measuring the embedding std
 CLIP_ROUNDS, CLIP_SIGMAS = 5, 3.0  # BBTv2's outlier clipping before taking a layer's std
-PREFIX_CACHE_TOLERANCE = 1e-3  # max |logit difference| between the cached and the plain path
 
 # A fixed, varied probe set: the hidden-state statistics of ModelInfo.layer_std are measured on it.
 PROBE_TEXTS = (
@@ -33,14 +32,14 @@ PROBE_TEXTS = (
 )
 
 
-def model_max_length(loaded: LoadedModel) -> int:
-    config = loaded.model.config
-    positions = getattr(config, "max_position_embeddings", None)
-    embeddings = getattr(loaded.model.base_model, "embeddings", None)
+def model_max_length(model: torch.nn.Module, tokenizer: Any) -> int:
+    """The longest input: position embeddings (RoBERTa's offset taken off) and the tokenizer's limit."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    embeddings = getattr(model.base_model, "embeddings", None)
     padding_idx = getattr(embeddings, "padding_idx", None)
     if isinstance(positions, int) and isinstance(padding_idx, int):
         positions -= padding_idx + 1  # RoBERTa-style position ids start after the padding index
-    limits = [positions, getattr(loaded.tokenizer, "model_max_length", None)]
+    limits = [positions, getattr(tokenizer, "model_max_length", None)]
     finite = [int(v) for v in limits if isinstance(v, int) and 0 < v < 1_000_000]
     return min(finite) if finite else 2048
 
@@ -60,8 +59,9 @@ def embedding_std(embedding: torch.nn.Module) -> float:
     return float(np.sqrt(max(total_sq / count - mean * mean, 0.0) * count / max(count - 1, 1)))
 
 
-def probe_inputs(engine) -> InputsSpec:
-    template = "Text: {text_a}\n{prompt}Answer:{mask}" if engine.causal else "{text_a} {prompt} It was {mask} ."
+def probe_inputs(causal: bool) -> InputsSpec:
+    """The fixed probe set as inputs with a {prompt} slot (after the text for a causal LM: prefix-cacheable)."""
+    template = "Text: {text_a}\n{prompt}Answer:{mask}" if causal else "{text_a} {prompt} It was {mask} ."
     examples = [Example(text_a=t) for t in PROBE_TEXTS]
     return InputsSpec(template=template, examples=examples, verbalizer=[[0], [1]], truncate=True)
 
@@ -90,17 +90,8 @@ def layer_std(
         ids[b, : len(example.ids)] = torch.tensor(example.ids)
         attention[b, : len(example.ids)] = 1
     device = model.get_input_embeddings().weight.device
-    captured: dict[int, torch.Tensor] = {}
     real = attention.bool().to(device)
-
-    def capture(index: int):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            captured[index] = hidden[real].float()
-
-        return hook
-
-    handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    captured, handles = capture_layer_inputs(layers, real)
     try:
         model.base_model(input_ids=ids.to(device), attention_mask=attention.to(device))
     finally:
@@ -110,32 +101,3 @@ def layer_std(
     # embeddings or normalization that the input of layer 0 already contains).
     captured[0] = model.get_input_embeddings()(ids.to(device))[real].float()
     return [clipped_std(captured[i]) for i in range(len(layers))]
-
-
-def prefix_cache_matches(engine) -> bool:
-    """Score random prompts with and without the prefix cache; use the cache only if they agree."""
-    prepared = engine.prepare(probe_inputs(engine), enforce_limits=False)
-    variant = prepared.variant(engine.renderer, 3, 3)
-    generator = torch.Generator().manual_seed(0)
-    std = float(engine.loaded.model.get_input_embeddings().weight.float().std())
-    prompts = [
-        RowPrompt(
-            3,
-            soft=(torch.randn(3, engine.hidden_size, generator=generator) * std).to(
-                engine.loaded.device, engine.loaded.dtype
-            ),
-        )
-        for _ in range(2)
-    ]
-    try:
-        cached = engine.score(prepared, variant, prompts, use_prefix=True)
-        variant.prefix = None
-        plain = engine.score(prepared, variant, prompts, use_prefix=False)
-    except Exception:
-        log.warning("prefix cache unsupported for this model; using the plain path", exc_info=True)
-        return False
-    difference = float(np.abs(cached - plain).max())
-    if difference > PREFIX_CACHE_TOLERANCE * max(1.0, float(np.abs(plain).max())):
-        log.warning("prefix cache differs from the plain path by %.2g; disabled", difference)
-        return False
-    return True

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lmaas_protocol.model_source import (
+from lmaas_runtime.source import (
     DEFAULT_MODEL_NAME,
     ModelSource,
     ModelSourceError,

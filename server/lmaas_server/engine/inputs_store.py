@@ -4,11 +4,15 @@ Registering a set (template, examples, verbalizer) once saves resending and re-t
 evaluate request; for causal LMs with text before the prompt slot, the text's keys/values are cached with
 it (`prefix_cache`). Memory is bounded by handle count and bytes; an evicted handle answers 410 (Gone), an
 unknown one 404.
+
+Handles are derived from the owner and the set's content, so registering the same set again returns the same
+handle (and keeps its cached keys/values): a client that lost its handles (a crash, a resume) sends the very
+same evaluate bodies again, which is what lets an Idempotency-Key replay them instead of charging twice.
 """
 
 from __future__ import annotations
 
-import secrets
+import hashlib
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -16,11 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lmaas_protocol import ErrorCode, FieldError, InputsSpec
-from lmaas_protocol.rendering import RenderedExample, TemplateRenderer
+from lmaas_runtime.prefix import PrefixKV
+from lmaas_runtime.rendering import RenderedExample, TemplateRenderer
+from lmaas_runtime.rows import Verbalizer
 from lmaas_server import metrics
 from lmaas_server.errors import APIError, InvalidRequest
-from lmaas_server.inference import Verbalizer
-from lmaas_server.prefix_cache import PrefixKV
 
 REMEMBERED_EVICTIONS = 4096
 
@@ -73,11 +77,17 @@ class InputsStore:
         self._lock = threading.Lock()
 
     def add(self, prepared: PreparedInputs) -> str:
-        handle = "inp_" + secrets.token_urlsafe(18)
+        """Store `prepared` under its content handle; an identical set already stored is kept as it is."""
+        digest = hashlib.blake2b(prepared.spec.model_dump_json().encode(), digest_size=18,
+                                 key=(prepared.owner or "").encode()[:64])  # fmt: skip
+        handle = "inp_" + digest.hexdigest()
         prepared.handle = handle
         with self._lock:
-            self._items[handle] = prepared
-            self._evict()
+            if handle in self._items:
+                self._items.move_to_end(handle)
+            else:
+                self._items[handle] = prepared
+                self._evict()
         return handle
 
     def get(self, handle: str, owner: str | None = None) -> PreparedInputs:

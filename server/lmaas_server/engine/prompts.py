@@ -10,35 +10,14 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from lmaas_protocol import Candidate, Projected, ProjectionSpec, Tensor, materialize
 from lmaas_protocol.candidates import spec_of
+from lmaas_runtime.rows import RowPrompt
 from lmaas_server import metrics
-
-
-@dataclass(frozen=True)
-class RowPrompt:
-    """One candidate as the forward pass needs it. Tensors are [P, hidden] on the model's device."""
-
-    length: int  # P
-    token_ids: list[int] | None = None  # discrete tokens at the prompt positions, or None (zero base)
-    soft: torch.Tensor | None = None  # added at the word-embedding level (soft_prompt + deep_prompt[0])
-    deep: dict[int, torch.Tensor] = field(default_factory=dict)  # layer i >= 1 -> added to its input
-    offset: torch.Tensor | None = None  # [s, hidden], added to the example's own token embeddings
-
-    @property
-    def touches_text(self) -> bool:
-        """True when the example's tokens change (so their cached keys/values cannot be reused)."""
-        return self.offset is not None
-
-    def finite(self) -> bool:
-        """False when projecting or multiplying finite inputs overflowed (e.g. a huge z or scale)."""
-        tensors = [self.soft, self.offset, *self.deep.values()]
-        return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
 
 
 class LRUCache:

@@ -1,4 +1,4 @@
-"""The transformers half of model loading that server and client share (lmaas_protocol.hf_models)."""
+"""The transformers half of model loading that server and client share (lmaas_runtime.loading)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import transformers
 
-from lmaas_protocol.hf_models import config_family, dequantised
-from lmaas_protocol.model_source import ModelSource, converted_folder, default_source
+from lmaas_runtime.loading import config_family, dequantised
+from lmaas_runtime.source import ModelSource, converted_folder, default_source
 
 
 @pytest.mark.parametrize(

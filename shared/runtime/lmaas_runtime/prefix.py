@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lmaas_protocol.rendering import RenderedExample
+from lmaas_runtime.rendering import RenderedExample
 
 
 class PrefixKV:
@@ -53,7 +53,7 @@ def compute_prefix(
             ids[b, : len(prefix)] = torch.tensor(prefix)
             attention[b, : len(prefix)] = 1
         output = model.base_model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=True)
-        layers = output.past_key_values.layers
+        layers = output.cache.layers
         if not keys:
             keys, values = [[] for _ in layers], [[] for _ in layers]
         for i, layer in enumerate(layers):

@@ -13,8 +13,8 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from lmaas_runtime import FrozenLM, Row, batches
 from lmaas_server import metrics
-from lmaas_server.inference import Forward, Row, batches
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -29,7 +29,7 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, forward: Forward, max_batch_tokens: int):
+    def __init__(self, forward: FrozenLM, max_batch_tokens: int):
         self.forward = forward
         self.max_batch_tokens = max_batch_tokens
         self.batch_sizes: list[int] = []  # rows per forward of the last round (for tests and metrics)

@@ -1,0 +1,67 @@
+"""Forward hooks that put prompts into, and take label positions out of, a frozen transformers model.
+
+Hooks instead of a patched model class: any architecture with an output embedding and a stack of layers
+works unchanged. Both hooks are inert until their state is set for one forward pass, and reset after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class LabelPositionHook:
+    """Pre-hook on the output embedding: hidden [B, T, H] -> [B, 1, H] at each row's label position."""
+
+    def __init__(self) -> None:
+        self.positions: torch.Tensor | None = None  # [B] label position per row, or None (inert)
+
+    def __call__(self, module: torch.nn.Module, args: tuple) -> tuple:
+        if self.positions is None:
+            return args
+        hidden = args[0]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return (hidden[rows, self.positions].unsqueeze(1), *args[1:])
+
+
+class DeepPromptHooks:
+    """Pre-hooks on every transformer layer that add deep prompts at the prompt positions (BBTv2)."""
+
+    def __init__(self, layers: Sequence[torch.nn.Module]):
+        # layer -> (row indices [n], positions [n], values [n, H]) to add to the layer's input
+        self.additions: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for index, layer in enumerate(layers):
+            if index > 0:  # layer 0's deep prompt is added to the word embeddings (RowPrompt.soft)
+                layer.register_forward_pre_hook(self._hook(index), with_kwargs=True)
+
+    def _hook(self, index: int):
+        def add(module, args, kwargs):
+            if index not in self.additions:
+                return None
+            rows, positions, values = self.additions[index]
+            if args:
+                hidden = args[0].index_put((rows, positions), values.to(args[0].dtype), accumulate=True)
+                return (hidden, *args[1:]), kwargs
+            hidden = kwargs["hidden_states"].index_put((rows, positions), values, accumulate=True)
+            return args, {**kwargs, "hidden_states": hidden}
+
+        return add
+
+
+def capture_layer_inputs(layers: Sequence[torch.nn.Module], keep: torch.Tensor) -> tuple[dict, list]:
+    """Pre-hooks that store each layer's input hidden states at the `keep` [B, T] positions ([n, H] float32).
+
+    Returns the dict they fill (layer index -> tensor) and the hook handles (remove them after the pass).
+    """
+    captured: dict[int, torch.Tensor] = {}
+
+    def capture(index: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured[index] = hidden[keep].float()
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    return captured, handles
