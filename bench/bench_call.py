@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lmaas_client import LMaaSClient  # noqa: E402
-from lmaas_client.data import load_split  # noqa: E402
 from lmaas_client.tasks import get_task  # noqa: E402
+from lmaas_client.tasks.data import load_split  # noqa: E402
 from lmaas_protocol import Candidate, EvaluateRequest, Tensor  # noqa: E402
 from lmaas_server.config import Settings  # noqa: E402
 from lmaas_server.engine import Engine  # noqa: E402

@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lmaas_client import LMaaSClient  # noqa: E402
-from lmaas_client.data import load_split  # noqa: E402
 from lmaas_client.tasks import get_task  # noqa: E402
+from lmaas_client.tasks.data import load_split  # noqa: E402
 from lmaas_protocol import (  # noqa: E402
     Candidate,
     EvaluateRequest,

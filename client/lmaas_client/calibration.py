@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from lmaas_client import metrics
+from lmaas_protocol import scoring
 
 NEWTON_STEPS = 25
 TOLERANCE = 1e-10  # stop when a Newton step changes theta by less than this (max abs)
@@ -97,8 +97,8 @@ def fit(logits: np.ndarray, labels: np.ndarray, temperature: bool = False, ridge
 
 
 def calibrated_loss(
-    name: metrics.LossName, logits: np.ndarray, labels: np.ndarray, metric: str = "accuracy", **fit_options: Any
+    name: scoring.LossName, logits: np.ndarray, labels: np.ndarray, metric: str = "accuracy", **fit_options: Any
 ) -> float:
     """The loss `name` after the best correction for these logits (fitted by cross-entropy on them)."""
     correction = fit(logits, labels, **fit_options)
-    return metrics.loss(name, correction.apply(logits), labels, metric)
+    return scoring.loss(name, correction.apply(logits), labels, metric)

@@ -29,6 +29,13 @@ from typing import Any
 BLOB_MIN_BYTES = 64 * 1024
 BLOB_DIR_SUFFIX = ".blobs"
 _BLOB_TAG = "lmaas-blob"
+# Classes that checkpoints of earlier versions name by a module they have left: (old module, class) -> new
+# module. Unpickling looks the class up where it lives now, so an old run folder still resumes.
+MOVED_CLASSES: dict[tuple[str, str], str] = {
+    ("lmaas_client.tuners.base", "PromptCandidate"): "lmaas_client.prompts",
+    ("lmaas_client.tuners.base", "ProjectedZ"): "lmaas_client.prompts",
+    ("lmaas_client.tuners.base", "LowRank"): "lmaas_client.prompts",
+}
 # path -> {id(value): (value, digest)} of the previous save; holding `value` keeps its id from being reused
 _previous: dict[str, dict[int, tuple[bytes, str]]] = {}
 _DIGEST = re.compile(r"[0-9a-f]{40}")
@@ -61,7 +68,7 @@ _NUMPY = {
        for module, names in (("multiarray", {"_reconstruct", "scalar"}), ("numeric", {"_frombuffer"}))},
 }  # fmt: skip
 _LMAAS = {
-    "lmaas_client.tuners.base": {"PromptCandidate", "ProjectedZ", "LowRank"},
+    "lmaas_client.prompts": {"PromptCandidate", "ProjectedZ", "LowRank"},  # and their old names (MOVED_CLASSES)
     "lmaas_client.tuners.cmaes": {"SeededGaussian"},
     "lmaas_protocol.projection": {"ProjectionSpec"},
 }
@@ -141,6 +148,7 @@ class _BlobUnpickler(pickle.Unpickler):
         self.blob_dir, self.source = blob_dir, source
 
     def find_class(self, module: str, name: str) -> Any:
+        module = MOVED_CLASSES.get((module, name), module)  # an older checkpoint's name for a moved class
         allowed = name in _SAFE_BUILTINS if module == "builtins" else name in ALLOWED.get(module, ())
         if not allowed:
             raise CheckpointError(

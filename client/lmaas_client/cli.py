@@ -15,17 +15,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lmaas_client.calibration import Calibration
 from lmaas_client.client import DEFAULT_BASE_URL, LMaaSClient
-from lmaas_client.data import load_split, load_test
 from lmaas_client.errors import BudgetExhaustedError, LMaaSError
 from lmaas_client.evaluation import TaskScorer
 from lmaas_client.predict import OutputFile, Predictor, predict_file
 from lmaas_client.prompt_io import load_prompt
-from lmaas_client.runner import Progress as RunProgress
-from lmaas_client.runner import RunConfig, read_run_config, run_tuning, write_run_config
-from lmaas_client.task_files import is_task_file, resolve_task, save_task_file, user_task
-from lmaas_client.task_readers import read_rows
-from lmaas_client.tasks import TASKS, TaskError
-from lmaas_client.tuners import TUNERS, make_tuner
+from lmaas_client.results import Progress as RunProgress
+from lmaas_client.run import Run, RunConfig
+from lmaas_client.tasks import TASKS, TaskError, TaskSpec
+from lmaas_client.tasks.data import load_split, load_test
+from lmaas_client.tasks.files import is_task_file, resolve_task, user_task
+from lmaas_client.tasks.readers import read_rows
+from lmaas_client.tuners import TUNERS
 
 app = typer.Typer(help="lmaas client: black-box prompt tuning over HTTP.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -126,7 +126,7 @@ def tune(
     """Tune a prompt for a task with a black-box method, under a call budget (resumable)."""
     if resume:
         with _errors():
-            config, saved_server = read_run_config(out)
+            config, saved_server = Run.read_settings(out)
         server = server if server != DEFAULT_BASE_URL else saved_server
     else:
         options = _parse_options(option or [])
@@ -136,19 +136,18 @@ def tune(
         if placement not in ("prefix", "suffix"):
             raise typer.BadParameter("must be prefix or suffix", param_hint="--placement")
         with _errors():
-            task = _task_reference(task, out, train, dev, test, text_a, text_b, label_column, label_name, label_word,
+            user_spec = _user_task(task, train, dev, test, text_a, text_b, label_column, label_name, label_word,
                                    template, metric)  # fmt: skip
+        if user_spec is not None:
+            task = user_spec.name  # Run.create saves it as task.json and names that file
+        elif is_task_file(task):
+            task = str(Path(task).resolve())
         config = RunConfig(task, method, budget, seed, placement, eval_every, _test_size(test_size),  # type: ignore[arg-type]
                            str(data_dir) if data_dir else None, options, _call_counts(test_at))  # fmt: skip
     with _errors(), LMaaSClient(server, api_key=api_key) as client:
-        spec = resolve_task(config.task)
-        tuner = make_tuner(config.method, client.model_info(), **config.options)
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            write_run_config(out, config, server)
+        run = Run.resume(out, client) if resume else Run.create(out, config, client, server=server, task=user_spec)
         with _progress_bar(config.budget) as update:
-            result = run_tuning(client, spec, tuner, config, out, on_progress=update, resume=resume)
-        (out / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+            result = run.tune(on_progress=update)
     if result.status == "budget_exhausted":
         console.print(
             f"[red]budget exhausted[/] after {result.calls_used}/{config.budget} calls; the checkpoint in {out} is "
@@ -156,7 +155,7 @@ def tune(
         )
         raise typer.Exit(EXIT_BUDGET)
     console.print(
-        f"[bold]{spec.name}/{config.method}[/] seed {config.seed}: manual prompt {result.manual_prompt_test_acc:.4f} "
+        f"[bold]{run.task.name}/{config.method}[/] seed {config.seed}: manual prompt {result.manual_prompt_test_acc:.4f} "
         f"-> tuned {result.test_acc:.4f} test {result.metric} (best dev {_fmt(result.best_dev_acc)}); calls used "
         f"{result.calls_used}/{config.budget} (+{result.eval_calls} for dev/test); {result.seconds:.0f} s; wrote {out}"
     )
@@ -231,27 +230,24 @@ def UserTask(help: str):
     return typer.Option(help=help, rich_help_panel="Your own task (instead of a shipped one or a task file)")
 
 
-def _task_reference(task: str, out: Path, train, dev, test, text_a, text_b, label_column, label_names, label_words,
-                    template, metric) -> str:  # fmt: skip
-    """A shipped task's name or a task file's absolute path; a task given by flags is saved as out/task.json."""
+def _user_task(task: str, train, dev, test, text_a, text_b, label_column, label_names, label_words, template,
+               metric) -> TaskSpec | None:  # fmt: skip
+    """The task given by flags (the run saves it as task.json), or None for a shipped task or a task file."""
     if train is None:
         if any(v is not None for v in (dev, test, label_names, label_words, template)):
             raise TaskError(
                 "your own task needs --train, --dev and --test (and --label-name, --label-word, --template)"
             )
-        if is_task_file(task):
-            return str(Path(task).resolve())
-        resolve_task(task)  # an unknown name fails here, before any call
-        return task
+        if not is_task_file(task):
+            resolve_task(task)  # an unknown name fails here, before any call
+        return None
     missing = [flag for flag, value in (("--dev", dev), ("--test", test), ("--label-name", label_names),
                                         ("--label-word", label_words), ("--template", template)) if not value]  # fmt: skip
     if missing:
         raise TaskError(f"your own task also needs {', '.join(missing)}")
-    spec = user_task(task, train=train, dev=dev, test=test, label_names=label_names, label_words=label_words,
+    return user_task(task, train=train, dev=dev, test=test, label_names=label_names, label_words=label_words,
                      templates=template.replace("\\n", "\n"), text_a=text_a, text_b=text_b, label=label_column,
                      metric=metric, base_dir=Path.cwd(), source="flags")  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    return str(save_task_file(spec, out / "task.json").resolve())
 
 
 def _test_size(value: str | None) -> int | str | None:

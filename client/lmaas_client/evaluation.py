@@ -8,13 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmaas_client import calibration as calibrating
-from lmaas_client import metrics
 from lmaas_client.calibration import Calibration
 from lmaas_client.client import LMaaSClient
 from lmaas_client.errors import NotFoundError
+from lmaas_client.prompts import PromptCandidate, named_specs, projection_names
 from lmaas_client.tasks import Placement, TaskError, TaskSpec
-from lmaas_client.tuners.base import PromptCandidate, named_specs, projection_names
-from lmaas_protocol import EvaluateRequest, EvaluateResponse, Example, InputsSpec
+from lmaas_protocol import EvaluateRequest, EvaluateResponse, Example, InputsSpec, scoring
 
 NO_PROMPT = PromptCandidate()  # empty {prompt} slot: the manual-prompt (zero-shot) baseline
 
@@ -110,8 +109,8 @@ class TaskScorer:
         for logits in self.logits(examples, candidates, cached):
             fitted = calibrating.fit(logits, labels) if calibrate else calibration
             used = fitted.apply(logits) if fitted is not None else logits
-            scores.append(Scores(logits, metrics.loss(loss, used, labels, self.task.metric),
-                                 metrics.score(self.task.metric, used, labels), fitted))  # fmt: skip
+            scores.append(Scores(logits, scoring.loss(loss, used, labels, self.task.metric),
+                                 scoring.score(self.task.metric, used, labels), fitted))  # fmt: skip
         return scores
 
 

@@ -26,9 +26,9 @@ from lmaas_client.calibration import Calibration
 from lmaas_client.client import LMaaSClient
 from lmaas_client.evaluation import TaskScorer
 from lmaas_client.prompt_io import load_prompt
-from lmaas_client.task_files import resolve_task
+from lmaas_client.prompts import named_specs, projection_names
 from lmaas_client.tasks import TaskError
-from lmaas_client.tuners.base import named_specs, projection_names
+from lmaas_client.tasks.files import resolve_task
 from lmaas_protocol import EvaluateRequest, Example
 
 MAX_BATCH = 256  # rows per request at most: a request's latency stays in seconds on a CPU server

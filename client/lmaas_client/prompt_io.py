@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from lmaas_client.tuners.base import LowRank, PromptCandidate
+from lmaas_client.prompts import LowRank, PromptCandidate
 
 DEEP_PREFIX = "deep_prompt_"
 

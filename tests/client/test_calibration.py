@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lmaas_client import calibration, metrics
+from lmaas_client import calibration
+from lmaas_protocol import scoring
 
 
 def biased_logits(seed: int = 0, n: int = 64, classes: int = 3, prior: float = 3.0):
@@ -20,14 +21,14 @@ def biased_logits(seed: int = 0, n: int = 64, classes: int = 3, prior: float = 3
 def objective(logits, labels, correction, ridge):
     z = correction.apply(logits)
     penalty = ridge * (np.sum(correction.bias**2) + (correction.scale - 1) ** 2)
-    return metrics.loss("ce", z, labels) + penalty
+    return scoring.loss("ce", z, labels) + penalty
 
 
 def test_bias_undoes_a_label_prior():
     logits, labels = biased_logits()
     correction = calibration.fit(logits, labels)
-    assert metrics.accuracy(logits, labels) < 0.6  # the prior wins most examples
-    assert metrics.accuracy(correction.apply(logits), labels) > 0.8
+    assert scoring.accuracy(logits, labels) < 0.6  # the prior wins most examples
+    assert scoring.accuracy(correction.apply(logits), labels) > 0.8
     assert correction.bias[0] < -2.0 and correction.scale == 1.0  # pushes class 0 back down
     assert abs(correction.bias.sum()) < 1e-9  # softmax ignores a common shift: centred
 
@@ -51,13 +52,13 @@ def test_temperature_cools_overconfident_logits():
     noisy = rng.normal(0, 1, (200, 2)) + 0.8 * np.eye(2)[labels]  # weakly informative ...
     correction = calibration.fit(10 * noisy, labels, temperature=True)  # ... but stated 10x too sharply
     assert correction.scale < 0.3
-    assert metrics.loss("ce", correction.apply(10 * noisy), labels) < metrics.loss("ce", 10 * noisy, labels) / 2
+    assert scoring.loss("ce", correction.apply(10 * noisy), labels) < scoring.loss("ce", 10 * noisy, labels) / 2
 
 
 def test_calibrated_loss_is_never_above_the_plain_loss_and_round_trips():
     logits, labels = biased_logits(seed=4)
-    assert calibration.calibrated_loss("ce", logits, labels) < metrics.loss("ce", logits, labels)
-    assert calibration.calibrated_loss("perf", logits, labels) < metrics.loss("perf", logits, labels)
+    assert calibration.calibrated_loss("ce", logits, labels) < scoring.loss("ce", logits, labels)
+    assert calibration.calibrated_loss("perf", logits, labels) < scoring.loss("perf", logits, labels)
     correction = calibration.fit(logits, labels, temperature=True)
     again = calibration.Calibration.from_json(correction.to_json())
     np.testing.assert_allclose(again.apply(logits), correction.apply(logits))
@@ -69,9 +70,9 @@ def test_calibrated_loss_is_never_above_the_plain_loss_and_round_trips():
 
 def test_the_scorer_fits_a_calibration_per_candidate_and_applies_a_given_one(live_server):
     from lmaas_client import LMaaSClient
-    from lmaas_client.data import load_split
     from lmaas_client.evaluation import NO_PROMPT, TaskScorer
     from lmaas_client.tasks import get_task
+    from lmaas_client.tasks.data import load_split
     from tests.client.test_runner_cli import DATA
 
     task = get_task("sst2")

@@ -95,6 +95,30 @@ def test_bbtv2_rewrites_one_layers_strategy_per_generation(tmp_path: Path):
         np.testing.assert_array_equal(a.z, b.z)
 
 
+def test_old_checkpoints_naming_moved_classes_still_load(tmp_path: Path, monkeypatch):
+    """A checkpoint written when PromptCandidate lived in tuners/base.py names that module; it still loads."""
+    import lmaas_client.prompts as prompts
+    import lmaas_client.tuners.base as old_home
+
+    for name in ("PromptCandidate", "ProjectedZ", "LowRank"):  # pickle as the old module layout did
+        monkeypatch.setattr(old_home, name, getattr(prompts, name), raising=False)
+        monkeypatch.setattr(getattr(prompts, name), "__module__", "lmaas_client.tuners.base")
+    candidate = prompts.PromptCandidate(
+        token_ids=[1, 2], offset=prompts.LowRank(np.zeros((2, 1)), np.ones((1, 3))), z=np.arange(3.0)
+    )
+    path = tmp_path / "checkpoint.pkl"
+    checkpoints.save(path, {"best": candidate})
+    assert b"lmaas_client.tuners.base" in path.read_bytes()
+    monkeypatch.undo()
+    for name in ("PromptCandidate", "ProjectedZ", "LowRank"):  # only the redirect table can find them now
+        monkeypatch.delattr(old_home, name, raising=False)
+
+    loaded = checkpoints.load(path)
+    assert type(loaded["best"]) is prompts.PromptCandidate and type(loaded["best"].offset) is prompts.LowRank
+    assert loaded["best"].token_ids == [1, 2]
+    np.testing.assert_array_equal(loaded["best"].z, np.arange(3.0))
+
+
 # ----------------------------------------------------------------------------- untrusted checkpoints
 
 

@@ -415,7 +415,7 @@ def test_client_package_never_imports_torch():
     import subprocess
     import sys
 
-    code = ("import sys, lmaas_client, lmaas_client.cli, lmaas_client.runner, lmaas_client.tuners, "
+    code = ("import sys, lmaas_client, lmaas_client.cli, lmaas_client.run, lmaas_client.tuners, "
             "lmaas_client.evaluation; heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules); "
             "print(heavy); sys.exit(1 if heavy else 0)")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -12,9 +12,9 @@ from lmaas_client import LMaaSClient
 from lmaas_client.evaluation import TaskScorer
 from lmaas_client.predict import Predictor, predict_file
 from lmaas_client.prompt_io import save_prompt
-from lmaas_client.task_readers import read_rows
+from lmaas_client.prompts import PromptCandidate
 from lmaas_client.tasks import TaskError, get_task
-from lmaas_client.tuners.base import PromptCandidate
+from lmaas_client.tasks.readers import read_rows
 from tests.client.test_runner_cli import assert_clean_failure, cli
 
 TEXTS = ["a great film", "dull and slow", "wonderful acting", "a waste of time", "loved it", "boring",

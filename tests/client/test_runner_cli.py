@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 import lmaas_client.client as client_module
 from lmaas_client import LMaaSClient
 from lmaas_client.cli import app
-from lmaas_client.data import load_split
 from lmaas_client.evaluation import NO_PROMPT, TaskScorer
 from lmaas_client.prompt_io import load_prompt
-from lmaas_client.runner import Progress, RunConfig, run_tuning
+from lmaas_client.run import Progress, RunConfig, run_tuning
 from lmaas_client.tasks import get_task
+from lmaas_client.tasks.data import load_split
 from lmaas_client.tuners import make_tuner
 from lmaas_protocol import EvaluateRequest, Example
 from tests.conftest import REPO, free_port
@@ -277,3 +277,23 @@ def test_cli_resume_refuses_a_checkpoint_that_would_run_code(live_server, tmp_pa
 def test_cli_test_at_must_be_call_counts(tmp_path):
     result = CliRunner().invoke(app, ["tune", "--out", str(tmp_path / "run"), "--test-at", "100,x"])
     assert result.exit_code != 0 and "--test-at" in result.output
+
+
+def test_cli_tune_a_task_given_by_flags_saves_it_in_the_run_folder_and_resumes(live_server, tmp_path):
+    sample = REPO / "tests" / "client" / "data" / "yelp_sample.csv"
+    out = tmp_path / "run"
+    flags = ("--train", str(sample), "--dev", str(sample), "--test", str(sample), "--label-column", "label",
+             "--text-a", "text", "--label-name", "negative", "--label-name", "positive", "--label-word", " bad",
+             "--label-word", " great", "--template", "{prompt}Review: {text_a}\\nSentiment:{mask}")  # fmt: skip
+    with live_server("llama") as server:
+        tuned = cli("tune", "--out", str(out), "--server", server.url, "--task", "yelp-flags", "--budget", "3",
+                    "--popsize", "3", "--prompt-length", "2", "--intrinsic-dim", "8", "--eval-every", "3",
+                    *flags)  # fmt: skip
+        assert tuned.exit_code == 0, tuned.output
+        settings = json.loads((out / "run.json").read_text())
+        assert settings["task"] == str((out / "task.json").resolve())
+        assert json.loads((out / "task.json").read_text())["name"] == "yelp-flags"
+        resumed = cli("tune", "--out", str(out), "--resume", "--server", server.url)
+        assert resumed.exit_code == 0, resumed.output
+    result = json.loads((out / "result.json").read_text())
+    assert result["task"] == "yelp-flags" and result["calls_used"] == 3

@@ -7,9 +7,9 @@ import pickle
 import numpy as np
 import pytest
 
-from lmaas_client.tuners import TUNERS, BBTConfig, BBTTuner, PromptCandidate, make_tuner
-from lmaas_client.tuners.base import ProjectedZ
-from lmaas_client.tuners.bbt import projection_spec
+from lmaas_client.prompts import ProjectedZ, PromptCandidate
+from lmaas_client.tuners import TUNERS, BBTConfig, BBTTuner, make_tuner
+from lmaas_client.tuners.projection import projection_spec
 from lmaas_protocol import Candidate, ModelInfo, Projected, ServerLimits, materialize
 
 HIDDEN = 16

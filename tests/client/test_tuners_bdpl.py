@@ -12,7 +12,7 @@ import lmaas_client.client as client_module
 from lmaas_client import LMaaSClient
 from lmaas_client.context import TuneContext
 from lmaas_client.prompt_io import load_prompt
-from lmaas_client.runner import RunConfig, run_tuning
+from lmaas_client.run import RunConfig, run_tuning
 from lmaas_client.tasks import get_task
 from lmaas_client.tuners import TUNERS, make_tuner
 from lmaas_client.tuners.bdpl import (

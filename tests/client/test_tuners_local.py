@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 from lmaas_client import LMaaSClient
-from lmaas_client.data import load_split
 from lmaas_client.evaluation import TaskScorer
 from lmaas_client.local_model import LocalModelError, load_local
 from lmaas_client.prompt_io import load_prompt
-from lmaas_client.runner import RunConfig, run_tuning
+from lmaas_client.prompts import PromptCandidate
+from lmaas_client.run import RunConfig, run_tuning
 from lmaas_client.tasks import get_task
-from lmaas_client.tuners import TUNERS, PromptCandidate, make_tuner
+from lmaas_client.tasks.data import load_split
+from lmaas_client.tuners import TUNERS, make_tuner
 from lmaas_client.tuners.gdfo import GDFOTuner
 from lmaas_client.tuners.prompt_tuning import PromptTuning
 from tests.conftest import REPO
@@ -370,7 +371,7 @@ def test_a_resumed_gdfo_run_ends_like_an_uninterrupted_one(live_server, tiny_mod
 
 def test_importing_the_client_and_its_tuners_loads_no_torch():
     code = (
-        "import sys, lmaas_client, lmaas_client.tuners, lmaas_client.runner, lmaas_client.local_model\n"
+        "import sys, lmaas_client, lmaas_client.tuners, lmaas_client.run, lmaas_client.local_model\n"
         "from lmaas_client.tuners import TUNERS\n"
         "assert {'gdfo', 'prompt-tuning'} <= set(TUNERS), TUNERS\n"
         "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"

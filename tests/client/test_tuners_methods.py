@@ -7,10 +7,10 @@ import pytest
 
 import lmaas_client.client as client_module
 from lmaas_client import LMaaSClient
-from lmaas_client.runner import RunConfig, run_tuning
+from lmaas_client.prompts import ProjectedZ
+from lmaas_client.run import RunConfig, run_tuning
 from lmaas_client.tasks import get_task
 from lmaas_client.tuners import make_tuner
-from lmaas_client.tuners.base import ProjectedZ
 from lmaas_protocol import ModelInfo, ServerLimits
 from tests.conftest import REPO
 from tests.support.crash import Crash, crash_after

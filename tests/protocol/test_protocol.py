@@ -440,7 +440,7 @@ def test_client_and_protocol_import_neither_torch_nor_transformers():
         import re
         import sys
 
-        import lmaas_protocol, lmaas_runtime.errors, lmaas_runtime.source, lmaas_client, lmaas_client.cli, lmaas_client.runner
+        import lmaas_protocol, lmaas_runtime.errors, lmaas_runtime.source, lmaas_client, lmaas_client.cli, lmaas_client.run
 
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
         assert not heavy, heavy

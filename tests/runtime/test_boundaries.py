@@ -62,7 +62,7 @@ def test_the_scan_sees_the_product_code():
     "modules",
     [
         "lmaas_protocol",
-        "lmaas_client, lmaas_client.cli, lmaas_client.runner, lmaas_client.tuners, lmaas_client.local_model",
+        "lmaas_client, lmaas_client.cli, lmaas_client.run, lmaas_client.tuners, lmaas_client.local_model",
         "lmaas_runtime, lmaas_runtime.errors, lmaas_runtime.source",
     ],
 )

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from lmaas_client.tuners.base import PromptCandidate, Tuner, TunerConfig, register_tuner
+from lmaas_client.prompts import PromptCandidate
+from lmaas_client.tuners.base import Tuner, TunerConfig
 from lmaas_protocol import Example
 from lmaas_protocol.templates import parse_template
 
@@ -25,7 +26,6 @@ class ManualConfig(TunerConfig):
     pass
 
 
-@register_tuner
 class ManualPrompt(Tuner):
     name = "manual"
     config_class = ManualConfig
@@ -37,7 +37,7 @@ class ManualPrompt(Tuner):
     def ask(self) -> list[PromptCandidate]:
         return []
 
-    def tell(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
+    def update(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
         raise ValueError("the manual prompt asks for nothing")
 
     def state_dict(self) -> dict[str, Any]:
@@ -53,7 +53,6 @@ class InContextConfig(TunerConfig):
     separator: str = Field("\n\n", description="Between demonstrations, and before the test input.")
 
 
-@register_tuner
 class InContextLearning(ManualPrompt):
     name = "icl"
     config_class = InContextConfig

@@ -21,28 +21,25 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from lmaas_client.prompts import ProjectedZ, PromptCandidate
 from lmaas_client.tuners import cmaes
-from lmaas_client.tuners.base import ProjectedZ, PromptCandidate, Tuner, TunerConfig, register_tuner
-from lmaas_client.tuners.bbt import placeholder_tokens, projection_spec
+from lmaas_client.tuners.base import TunerConfig
+from lmaas_client.tuners.cmaes import CMATuner
+from lmaas_client.tuners.options import CMAOptions, ProjectedPromptOptions
+from lmaas_client.tuners.projection import placeholder_tokens, projection_spec
 from lmaas_protocol import ModelInfo
 
 
-class BBTv2Config(TunerConfig):
+class BBTv2Config(ProjectedPromptOptions, CMAOptions, TunerConfig):
     intrinsic_dim: int = Field(500, ge=1, le=100_000, description="d per layer.")
     prompt_length: int = Field(50, ge=1, le=4096, description="P prompt tokens (every layer).")
-    popsize: int = Field(20, ge=3, le=1024, description="CMA-ES population (pycma needs >= 3).")
     sigma: float = Field(0.2, gt=0, description="CMA-ES initial step size (BBTv2's README: 0.2).")
     alpha: float = Field(0.2, gt=0, description="Prompt std in units of the layer's hidden-state std (0.2).")
-    bound: float | None = Field(None, gt=0)
     layers: int | None = Field(None, ge=1, description="Tune the first N layers (default: all).")
     layer_std: Literal["model", "measured"] = Field("model", description="Where std_i comes from (see module).")
-    init_tokens: Literal["vocab", "none"] = "vocab"
-    init_token_offset: int = Field(1000, ge=0)
-    wire_dtype: Literal["float32", "float16"] = "float32"
 
 
-@register_tuner
-class BBTv2Tuner(Tuner):
+class BBTv2Tuner(CMATuner):
     name = "bbtv2"
     config_class = BBTv2Config
     config: BBTv2Config
@@ -61,7 +58,6 @@ class BBTv2Tuner(Tuner):
         ]
         self.best_z: list[np.ndarray | None] = [None] * self.num_layers  # None: layer not tuned yet (adds nothing)
         self.step = 0  # generations told so far; the layer being tuned is step % num_layers
-        self._pending: list[np.ndarray] | None = None
         # serialised strategies, kept until their layer is told again: a checkpoint then re-serialises (and
         # `lmaas_client.checkpoints` re-writes) one ~4 MB strategy per generation, not all of them
         self._dumps: list[bytes | None] = [None] * self.num_layers
@@ -84,25 +80,22 @@ class BBTv2Tuner(Tuner):
     def layer(self) -> int:
         return self.step % self.num_layers
 
-    def prompt(self, layer: int, z: np.ndarray) -> PromptCandidate:
+    def strategy(self):
+        return self.strategies[self.layer]
+
+    def prompt(self, z: np.ndarray, layer: int | None = None) -> PromptCandidate:
+        """Layer `layer`'s (default: the one tuned now) prompt at z, every other layer at its best point."""
+        layer = self.layer if layer is None else layer
         points = list(self.best_z)
         points[layer] = np.asarray(z, dtype=np.float64)
         deep = [None if p is None else ProjectedZ(p, spec) for p, spec in zip(points, self.specs, strict=True)]
         return PromptCandidate(token_ids=self.token_ids, deep=deep, z=points[layer], wire_dtype=self.config.wire_dtype,
                                meta={"tuned_layer": layer})  # fmt: skip
 
-    def ask(self) -> list[PromptCandidate]:
-        self._pending = self.strategies[self.layer].ask()
-        return [self.prompt(self.layer, z) for z in self._pending]
-
-    def tell(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
-        if self._pending is None or len(losses) != len(self._pending):
-            raise ValueError("tell() needs one loss per candidate of the last ask()")
-        es = self.strategies[self.layer]
-        es.tell(self._pending, [float(v) for v in losses])
+    def update(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
+        super().update(losses, logits)  # the current layer's strategy is told
         self._dumps[self.layer] = None
-        self.best_z[self.layer] = np.array(es.result.xbest, dtype=np.float64)  # fixed at its best from now on
-        self._pending = None
+        self.best_z[self.layer] = np.array(self.strategy().result.xbest, dtype=np.float64)  # fixed at its best now
         self.step += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -49,7 +49,7 @@ Search (one API call per sampled prompt, the runner scores each on the whole tra
   with SmolLM2, 200 calls = 10 steps: lr 1e-4 left every row within 0.001 of uniform (the argmax prompt is
   then tie-breaking noise); lr 1e-2 cut each row's entropy from 5.3 to ~3.5 nats (~40 live tokens).
   No learning-rate schedule (the reference builds one and never steps it).
-- Losses come from the run's `loss` option (`metrics.loss`, whose hinge sign is correct; the reference
+- Losses come from the run's `loss` option (`scoring.loss`, whose hinge sign is correct; the reference
   inverts it).
 
 Selection (`select`): "argmax" (default, the paper's evaluation): `best` is the prompt of the argmax token
@@ -74,7 +74,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field
 
-from lmaas_client.tuners.base import PromptCandidate, Tuner, TunerConfig, register_tuner
+from lmaas_client.prompts import PromptCandidate
+from lmaas_client.tuners.base import Tuner, TunerConfig
 from lmaas_protocol import ModelInfo
 from lmaas_protocol.candidates import MAX_PROMPT_TOKENS
 
@@ -101,7 +102,6 @@ class BDPLConfig(TunerConfig):
     min_pmi: float = Field(1.0, description="Pairs with at least this PMI are joined into n-grams.")
 
 
-@register_tuner
 class BDPLTuner(Tuner):
     name = "bdpl"
     config_class = BDPLConfig
@@ -172,9 +172,7 @@ class BDPLTuner(Tuner):
         self._pending = samples
         return [self.prompt(row) for row in samples]
 
-    def tell(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
-        if self._pending is None or len(losses) != len(self._pending):
-            raise ValueError("tell() needs one loss per candidate of the last ask()")
+    def update(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
         values = np.asarray(losses, dtype=np.float64)
         if not np.all(np.isfinite(values)):
             raise ValueError(f"BDPL needs finite losses, got {values.tolist()}")
@@ -186,7 +184,6 @@ class BDPLTuner(Tuner):
         m_hat = self.m / (1 - BETA1**self.step)
         v_hat = self.v / (1 - BETA2**self.step)
         self.probs = project_simplex(self.probs - self.config.lr * m_hat / (np.sqrt(v_hat) + ADAM_EPS))
-        self._pending = None
         self._refresh_best()
 
     def observe(self, candidates: Sequence[PromptCandidate], losses: Sequence[float]) -> None:

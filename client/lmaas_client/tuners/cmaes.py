@@ -1,13 +1,18 @@
-"""pycma strategies that never touch numpy's global RNG, so runs are reproducible side by side and resumable."""
+"""The CMA-ES kernel: pycma strategies that never touch numpy's global RNG (so runs are reproducible side by
+side and resumable), and `CMATuner`, the ask/tell base of every CMA method (BBT, BBTv2, DePT, GDFO)."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import cma
 import numpy as np
 
 from lmaas_client import checkpoints
+from lmaas_client.prompts import PromptCandidate
+from lmaas_client.tuners.base import Tuner
 
 
 class SeededGaussian:
@@ -45,3 +50,42 @@ def dumps(es: cma.CMAEvolutionStrategy) -> bytes:
 
 def loads(data: bytes) -> cma.CMAEvolutionStrategy:
     return checkpoints.loads(data, "a saved CMA-ES state")
+
+
+class CMATuner(Tuner):
+    """A pycma strategy over a vector z, each z turned into a prompt by `prompt(z)`.
+
+    One strategy (`self.es`) for BBT, DePT and GDFO; BBTv2 keeps one per layer and `strategy()` names the
+    one that asks and is told now. The base's tell() has checked the loss count before `update`.
+    """
+
+    es: Any
+
+    @abstractmethod
+    def prompt(self, z: np.ndarray) -> PromptCandidate: ...
+
+    def strategy(self) -> cma.CMAEvolutionStrategy:
+        """The strategy that asks and is told now."""
+        return self.es
+
+    def ask(self) -> list[PromptCandidate]:
+        self._pending = self.strategy().ask()
+        return [self.prompt(z) for z in self._pending]
+
+    def update(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
+        self.strategy().tell(self._pending, [float(v) for v in losses])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "es": dumps(self.es),  # includes its SeededGaussian and that generator's state
+            "pending": self._pending,
+            "best_z": None if self.best is None else self.best.z,
+            "best_loss": self.best_loss,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.es = loads(state["es"])
+        self._pending = state["pending"]
+        best_z = state.get("best_z")  # absent from DePT checkpoints of before this class
+        self.best = None if best_z is None else self.prompt(best_z)
+        self.best_loss = state.get("best_loss", float("inf"))

@@ -16,18 +16,19 @@ The offset changes the text's own embeddings, so the server cannot reuse a cache
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 from pydantic import Field
 
+from lmaas_client.prompts import LowRank, ProjectedZ, PromptCandidate
 from lmaas_client.tuners import cmaes
-from lmaas_client.tuners.base import LowRank, ProjectedZ, PromptCandidate, TunerConfig, register_tuner
-from lmaas_client.tuners.bbt import CMATuner, placeholder_tokens, projection_spec
+from lmaas_client.tuners.base import TunerConfig
+from lmaas_client.tuners.cmaes import CMATuner
+from lmaas_client.tuners.options import CMAOptions, ProjectedPromptOptions
+from lmaas_client.tuners.projection import placeholder_tokens, projection_spec
 from lmaas_protocol import ModelInfo, ProjectionSpec, materialize, project
 
 
-class DePTConfig(TunerConfig):
+class DePTConfig(ProjectedPromptOptions, CMAOptions, TunerConfig):
     prompt_length: int = Field(8, ge=1, le=4096, description="m, the short prompt.")
     prompt_dim: int = Field(300, ge=1, description="d of the prompt's subspace.")
     offset_rank: int = Field(4, ge=1, le=256, description="r.")
@@ -36,16 +37,8 @@ class DePTConfig(TunerConfig):
     offset_b_dim: int = Field(150, ge=1, description="d of B's subspace.")
     lora_alpha: float = Field(8.0, gt=0, description="scale = lora_alpha / sqrt(r) (DePT's default 8).")
     beta: float = Field(0.5, gt=0, description="Offset element std in units of the embedding std.")
-    popsize: int = Field(20, ge=3, le=1024, description="CMA-ES population (pycma needs >= 3).")
-    sigma: float = Field(1.0, gt=0)
-    alpha: float = Field(1.0, gt=0, description="Prompt element std in units of the embedding std (as BBT).")
-    bound: float | None = Field(None, gt=0)
-    init_tokens: Literal["vocab", "none"] = "vocab"
-    init_token_offset: int = Field(1000, ge=0)
-    wire_dtype: Literal["float32", "float16"] = "float32"
 
 
-@register_tuner
 class DePTTuner(CMATuner):
     name = "dept"
     config_class = DePTConfig
@@ -68,7 +61,6 @@ class DePTTuner(CMATuner):
         self.a_matrix, self.b_matrix = materialize(self.a_spec), materialize(self.b_spec)  # small: r*(s + hidden)*d
         self.token_ids = placeholder_tokens(c.init_tokens, c.init_token_offset, c.prompt_length, model.vocab_size)
         self.es = cmaes.strategy(c.prompt_dim + c.offset_a_dim + c.offset_b_dim, c.sigma, c.popsize, c.seed, c.bound)
-        self._pending: list[np.ndarray] | None = None
 
     def prompt(self, z: np.ndarray) -> PromptCandidate:
         c = self.config

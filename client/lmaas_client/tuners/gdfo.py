@@ -45,8 +45,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from lmaas_client.tuners.base import register_tuner
-from lmaas_client.tuners.bbt import BBTConfig, BBTTuner, placeholder_tokens, projection_spec
+from lmaas_client.tuners.bbt import BBTConfig, BBTTuner
+from lmaas_client.tuners.projection import placeholder_tokens, projection_spec
 from lmaas_protocol import ModelInfo, materialize
 
 
@@ -82,7 +82,6 @@ class GDFOConfig(BBTConfig):
     cache_text: bool = Field(True, description="Causal student, suffix placement: compute the text once.")
 
 
-@register_tuner
 class GDFOTuner(BBTTuner):
     name = "gdfo"
     config_class = GDFOConfig
@@ -214,9 +213,7 @@ class GDFOTuner(BBTTuner):
 
     # -------------------------------------------------------------------------------------------- ask / tell
 
-    def tell(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
-        if self._pending is None or len(losses) != len(self._pending):
-            raise ValueError("tell() needs one loss per candidate of the last ask()")
+    def update(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
         if logits is None or len(logits) != len(self._pending):
             raise ValueError("gdfo distils the teacher: tell() needs the label-word logits of every candidate")
         if self.student is None:
@@ -231,7 +228,6 @@ class GDFOTuner(BBTTuner):
         record["median_loss"] = float(np.median(losses))
         record["best_loss"] = float(np.min(losses))
         self.es.tell(pending, [float(v) for v in losses])
-        self._pending = None
         self.buffer.append((np.stack(pending), np.stack([np.asarray(x, dtype=np.float32) for x in logits])))
         self.buffer = self.buffer[-self.config.buffer_generations :]
         record.update(self.distill())

@@ -38,8 +38,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from lmaas_client import metrics
-from lmaas_client.tuners.base import PromptCandidate, Tuner, TunerConfig, register_tuner
+from lmaas_client.prompts import PromptCandidate
+from lmaas_client.tuners.base import Tuner, TunerConfig
+from lmaas_protocol import scoring
 
 ADAMW_LR = 0.01
 ADAFACTOR_LR = 0.3  # Lester et al.
@@ -61,7 +62,6 @@ class PromptTuningConfig(TunerConfig):
     check_model: bool = Field(True, description="Refuse a local model that does not look like the served one.")
 
 
-@register_tuner
 class PromptTuning(Tuner):
     name = "prompt-tuning"
     config_class = PromptTuningConfig
@@ -115,7 +115,7 @@ class PromptTuning(Tuner):
         def evaluate(examples, labels: np.ndarray, loss: str = "ce") -> tuple[float, float]:
             with torch.no_grad():
                 logits = batched_logits(local, examples, verbalizer, prompt, c.batch_size * 4).cpu().numpy()
-            return metrics.score(metric, logits, labels), metrics.loss(loss, logits, labels, metric)
+            return scoring.score(metric, logits, labels), scoring.loss(loss, logits, labels, metric)
 
         dev_score, dev_loss = evaluate(dev_set, dev_labels)
         _, initial_loss = evaluate(train_set, train_labels.cpu().numpy(), c.loss)
@@ -146,7 +146,7 @@ class PromptTuning(Tuner):
     def ask(self) -> list[PromptCandidate]:
         return []
 
-    def tell(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
+    def update(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
         raise ValueError("prompt tuning asks for nothing: it trains locally in setup()")
 
     def state_dict(self) -> dict[str, Any]:

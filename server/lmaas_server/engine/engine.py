@@ -29,6 +29,7 @@ from lmaas_protocol import (
     TokenizeRequest,
     TokenizeResponse,
     Usage,
+    scoring,
 )
 from lmaas_protocol.candidates import shape_of, spec_of
 from lmaas_protocol.templates import template_slots
@@ -257,10 +258,7 @@ class Engine:
     def _result(logits: np.ndarray, labels: np.ndarray | None) -> CandidateResult:
         if labels is None:
             return CandidateResult(logits=Tensor.from_numpy(logits))
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        loss = float(-log_probs[np.arange(len(labels)), labels].mean())
-        accuracy = float((logits.argmax(axis=1) == labels).mean())
+        loss, accuracy = scoring.loss("ce", logits, labels), scoring.accuracy(logits, labels)  # as the client's
         return CandidateResult(logits=Tensor.from_numpy(logits), loss=loss, accuracy=accuracy)
 
     # ------------------------------------------------------------------------------------------- checks

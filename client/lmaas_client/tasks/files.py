@@ -53,7 +53,7 @@ Sentiment:{mask}``), or right after the last text slot when no line break follow
 families is used for causal LMs only when it ends with {mask}. Label words should carry their leading
 space (" great"); the verbalizer uses each word's first sub-token.
 
-Reading the example files: `task_readers`; label words and templates per family: `task_templates`.
+Reading the example files: `readers`; label words and templates per family: `templates`.
 """
 
 from __future__ import annotations
@@ -65,9 +65,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lmaas_client.task_readers import FORMATS, Column, FileSplits, decode_text
-from lmaas_client.task_templates import LabelWordsArg, TemplatesArg, label_words_by_family, templates_by_family
-from lmaas_client.tasks import METRICS, TASKS, TaskError, TaskSpec, get_task
+from lmaas_client.tasks.file_lines import key_line
+from lmaas_client.tasks.readers import FORMATS, Column, FileSplits, decode_text
+from lmaas_client.tasks.registry import TASKS, get_task
+from lmaas_client.tasks.spec import METRICS, TaskError, TaskSpec
+from lmaas_client.tasks.templates import LabelWordsArg, TemplatesArg, label_words_by_family, templates_by_family
 from lmaas_protocol.schemas import MAX_CLASSES
 
 TASK_FILE_SUFFIXES = (".toml", ".json")
@@ -228,7 +230,7 @@ def load_task_file(path: str | Path) -> TaskSpec:
         raise TaskError(f"{path}: the task file must hold a table (JSON: an object) of settings")
 
     def at(key: str) -> str:
-        return f"{path}:{line}" if (line := _key_line(text, key)) else str(path)
+        return f"{path}:{line}" if (line := key_line(text, key)) else str(path)
 
     def table(key: str, allowed: set[str]) -> dict[str, Any]:
         value = config.get(key)
@@ -359,47 +361,3 @@ def _no_unknown(mapping: dict[str, Any], allowed: set[str], scope: str, at) -> N
     for key in mapping:
         if key not in allowed:
             raise TaskError(f"{at(key)}: unknown key '{key}' in {scope}; allowed: {', '.join(sorted(allowed))}")
-
-
-def _key_line(text: str, key: str) -> int | None:
-    """The line where a setting is given, best effort: `key` is a dotted path ("templates.causal.suffix"),
-    found as TOML `name =` lines or `[table]` headers, or JSON `"name":`; the deepest part found wins."""
-    parts = key.split(".")
-    start, end, found = 0, len(text), None
-    for depth, part in enumerate(parts):
-        name, table = re.escape(part), re.escape(".".join(parts[: depth + 1]))
-        pattern = re.compile(rf'^[ \t]*(?:\[{table}\][ \t]*$|{name}[ \t]*=)|"{name}"\s*:', re.M)
-        match = pattern.search(text, start, end)
-        if match is None:
-            break
-        found, start = match, match.end()
-        if match.group(0).lstrip().startswith("["):  # a TOML table runs to the next header outside it
-            following = re.compile(rf"^[ \t]*\[(?!{table}[.\]])", re.M).search(text, start)
-            end = following.start() if following else len(text)
-        elif match.group(0).endswith(":") and text[start:].lstrip().startswith("{"):  # a JSON object
-            start = text.index("{", start)
-            end = _closing_brace(text, start)
-        else:  # a value, not a table: nothing deeper to find
-            break
-    return text.count("\n", 0, found.start()) + 1 if found else None
-
-
-def _closing_brace(text: str, opening: int) -> int:
-    depth, index, in_string = 0, opening, False
-    while index < len(text):
-        char = text[index]
-        if in_string:
-            if char == "\\":
-                index += 1
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return index
-        index += 1
-    return len(text)

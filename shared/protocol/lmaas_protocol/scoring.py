@@ -1,4 +1,12 @@
-"""Losses and metrics on label-word logits [examples, classes], computed on the client."""
+"""Losses and metrics on label-word logits [examples, classes]: the one place both sides compute them (numpy only).
+
+Decision (issue 15, item 5): the server keeps sending each candidate's mean cross-entropy and accuracy (the
+wire format stays as it is; `curl` users and simple clients read them), and both numbers come from this
+module, as do every loss and metric the client computes. The client still computes its own from the
+returned logits, because it needs what the server does not send: the run's loss (ce, hinge or -metric),
+F1, calibrated losses (`lmaas_client.calibration`), and scores over a training set that a request limit
+splits into several calls. One implementation means the two can never disagree on the same logits.
+"""
 
 from __future__ import annotations
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from lmaas_client.data import load_split, load_task_data, load_test
-from lmaas_client.task_files import (
+from lmaas_client.tasks import TASKS, TaskError
+from lmaas_client.tasks.data import load_split, load_task_data, load_test
+from lmaas_client.tasks.files import (
     load_task_file,
     resolve_task,
     save_task_file,
     task_file_settings,
     user_task,
 )
-from lmaas_client.tasks import TASKS, TaskError
 from lmaas_protocol import Example
 from tests.conftest import REPO
 

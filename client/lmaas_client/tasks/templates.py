@@ -1,6 +1,6 @@
 """Label words and templates of a user task, normalised per model family and prompt placement.
 
-`user_task` (task_files) accepts label words as one list or one list per family, and templates as one
+`user_task` (tasks.files) accepts label words as one list or one list per family, and templates as one
 string, one per family, or one per family and placement; these functions turn every accepted form into
 words[family] and templates[family][placement], checking each and raising through `bad(key, detail)` so
 the caller can name the setting (and a task file's line).
@@ -12,7 +12,7 @@ import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lmaas_client.tasks import FAMILIES, PLACEMENTS, Family, Placement, prompt_follows_text, template_problem
+from lmaas_client.tasks.spec import FAMILIES, PLACEMENTS, Family, Placement, prompt_follows_text, template_problem
 from lmaas_protocol import parse_template
 from lmaas_protocol.templates import TEXT_SLOTS, mask_ends_template
 

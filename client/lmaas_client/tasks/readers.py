@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmaas_client.tasks import Split, TaskError
+from lmaas_client.tasks.spec import Split, TaskError
 from lmaas_protocol import Example
 from lmaas_protocol.schemas import MAX_TEXT_CHARS
 

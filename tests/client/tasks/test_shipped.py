@@ -8,7 +8,8 @@ from collections import Counter
 
 import pytest
 
-from lmaas_client.data import (
+from lmaas_client.tasks import TASKS, TaskError, TaskSpec, get_task, prompt_follows_text
+from lmaas_client.tasks.data import (
     QUICK_TEST_SEED,
     load_split,
     load_task_data,
@@ -16,7 +17,6 @@ from lmaas_client.data import (
     resolve_test_size,
     stratified_subsample,
 )
-from lmaas_client.tasks import TASKS, TaskError, TaskSpec, get_task, prompt_follows_text
 from lmaas_protocol import parse_template
 from lmaas_protocol.templates import TEXT_SLOTS, mask_ends_template
 from tests.conftest import REPO

@@ -1,7 +1,7 @@
 """Loading a task's examples: the shipped splits or a user task's files, and the quick test subsample.
 
 Shipped tasks read data/<task>/16-<seed>/{train,dev}.jsonl and data/<task>/test.jsonl; user tasks
-(:mod:`lmaas_client.task_files`) read their own files through `TaskSpec.loader`. Both go through
+(:mod:`lmaas_client.tasks.files`) read their own files through `TaskSpec.loader`. Both go through
 `load_split` / `load_test` / `load_task_data`, so a runner treats them alike.
 
 Test sets: by default a task is scored on its *quick* test set, a class-stratified subsample of
@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 
-from lmaas_client.tasks import Split, TaskError, TaskSpec
+from lmaas_client.tasks.spec import Split, TaskError, TaskSpec
 from lmaas_protocol import Example
 
 __all__ = [
@@ -54,7 +54,7 @@ def resolve_data_dir(explicit: str | Path | None = None) -> Path:
         if not (Path(named) / "sst2").is_dir():
             raise TaskError(f"{named}: not a data folder (it has no sst2/ subfolder)")
         return Path(named)
-    for candidate in (Path.cwd() / "data", Path(__file__).resolve().parents[2] / "data"):
+    for candidate in (Path.cwd() / "data", Path(__file__).resolve().parents[3] / "data"):
         if (candidate / "sst2").is_dir():
             return candidate
     raise TaskError(f"no data folder found; pass --data-dir or set {DATA_DIR_ENV} (it holds sst2/, agnews/, ...)")

@@ -1,8 +1,8 @@
-"""Label words and templates of user tasks, normalised per family and placement (lmaas_client.task_templates)."""
+"""Label words and templates of user tasks, normalised per family and placement (lmaas_client.tasks.templates)."""
 
 import pytest
 
-from lmaas_client.task_templates import insert_suffix_prompt, label_words_by_family, templates_by_family
+from lmaas_client.tasks.templates import insert_suffix_prompt, label_words_by_family, templates_by_family
 
 
 class Bad(Exception):

@@ -1,20 +1,19 @@
-"""Tasks, the shipped data, stratified subsampling, losses and metrics, and prompt files."""
+"""Tasks, the shipped data, stratified subsampling, and prompt files (losses and metrics: tests/protocol/test_scoring.py)."""
 
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from lmaas_client import LMaaSClient, metrics
-from lmaas_client.data import load_split, resolve_data_dir, split_path, stratified_subsample
+from lmaas_client import LMaaSClient
 from lmaas_client.evaluation import build_verbalizer
 from lmaas_client.prompt_io import load_prompt, save_prompt
+from lmaas_client.prompts import PromptCandidate
 from lmaas_client.tasks import TASKS, TaskError, TaskSpec, get_task
-from lmaas_client.tuners import PromptCandidate
+from lmaas_client.tasks.data import load_split, resolve_data_dir, split_path, stratified_subsample
 from lmaas_protocol import Example, parse_template
 from tests.conftest import REPO
 from tests.support.tiny_models import KINDS
@@ -167,43 +166,6 @@ def test_stratified_subsample_keeps_everything_when_not_smaller():
     assert stratified_subsample(examples, None, 1) is examples
     assert stratified_subsample(examples, 3, 1) == examples
     assert stratified_subsample(examples, 10, 1) == examples
-
-
-# ----------------------------------------------------------------------------------------- metrics
-
-LOGITS = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 3.0]])
-LABELS = np.array([0, 0, 1])
-
-
-def test_accuracy_and_f1_by_hand():
-    assert metrics.accuracy(LOGITS, LABELS) == pytest.approx(2 / 3)
-    # predicted [0, 1, 1], actual [0, 0, 1]: tp = 1, 2 predicted positive, 1 actual positive
-    assert metrics.f1_binary(LOGITS, LABELS) == pytest.approx(2 * 1 / (2 + 1))
-    assert metrics.f1_binary(np.array([[1.0, 0.0]]), np.array([0])) == 0.0  # no positives at all
-    assert metrics.score("f1", LOGITS, LABELS) == pytest.approx(2 / 3)
-    assert metrics.score("accuracy", LOGITS, np.array([0, 1, 1])) == 1.0
-
-
-def test_cross_entropy_by_hand():
-    expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.e) + math.log(1 + math.exp(-2))) / 3
-    assert metrics.loss("ce", LOGITS, LABELS) == pytest.approx(expected, rel=1e-9)
-    assert metrics.loss("ce", np.array([[1000.0, 0.0]]), np.array([1])) == pytest.approx(1000.0)  # stable
-    assert metrics.loss("ce", np.array([[0.0, 0.0, 0.0]]), np.array([2])) == pytest.approx(math.log(3))
-
-
-def test_hinge_by_hand():
-    # sum over j != y of max(0, l_j - l_y + 2), divided by N: rows give 0, 3 and 0
-    assert metrics.loss("hinge", LOGITS, LABELS) == pytest.approx(3 / 3)
-    three = np.array([[1.0, 2.0, 0.5], [0.0, 0.0, 5.0]])  # row 0: 3 + 1.5; row 1: 0 + 0
-    assert metrics.loss("hinge", three, np.array([0, 2])) == pytest.approx(4.5 / 2)
-    assert metrics.loss("hinge", np.array([[0.0, 0.0]]), np.array([1])) == pytest.approx(2.0)  # a tie costs the margin
-
-
-def test_perf_loss_is_minus_the_metric_and_unknown_losses_raise():
-    assert metrics.loss("perf", LOGITS, LABELS) == pytest.approx(-2 / 3)
-    assert metrics.loss("perf", LOGITS, np.array([1, 0, 1]), metric="f1") == pytest.approx(-0.5)
-    with pytest.raises(ValueError, match="unknown loss"):
-        metrics.loss("mse", LOGITS, LABELS)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------------------- prompt files

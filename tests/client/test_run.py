@@ -1,0 +1,65 @@
+"""The `Run` object: it owns the run folder (every file), its settings, state and checkpoint; resume continues it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import lmaas_client.client as client_module
+from lmaas_client import LMaaSClient
+from lmaas_client.prompt_io import load_prompt
+from lmaas_client.run import CHECKPOINT, Run, RunConfig
+from tests.conftest import REPO
+from tests.support.crash import Crash, crash_after
+
+DATA = str(REPO / "data")
+TINY = {"popsize": 3, "prompt_length": 2, "intrinsic_dim": 8}
+FILES = {"run.json", "result.json", CHECKPOINT, "prompt.npz", "curve.png"}
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(client_module, "INITIAL_RETRY_DELAY", 0.001)
+    for name in ("LMAAS_SERVER", "LMAAS_API_KEY", "LMAAS_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def config(budget: int = 6) -> RunConfig:
+    return RunConfig(task="sst2", method="bbt", budget=budget, seed=42, eval_every=3, test_size=16, data_dir=DATA,
+                     options={**TINY, "seed": 42})  # fmt: skip
+
+
+def test_create_tune_writes_every_file_and_exposes_result_and_prompt(live_server, tmp_path):
+    folder = tmp_path / "run"
+    with live_server("llama", budget=1000) as server, LMaaSClient(server.url) as client:
+        run = Run.create(folder, config(), client)
+        assert json.loads((folder / "run.json").read_text())["server"] == server.url  # written before tuning
+        assert run.result is None and run.best_prompt is None
+        result = run.tune()
+    assert {p.name for p in folder.iterdir()} >= FILES
+    assert run.result is result and result.status == "completed" and result.calls_used == 6
+    assert json.loads((folder / "result.json").read_text()) == json.loads(json.dumps(result.to_json()))
+    saved, meta = load_prompt(folder / "prompt.npz")
+    assert meta["method"] == "bbt" and meta["seed"] == 42
+    np.testing.assert_array_equal(saved.soft, run.best_prompt.soft)  # self-contained: A z computed here
+    assert Run.read_settings(folder) == (config(), server.url)
+
+
+def test_resume_continues_as_an_uninterrupted_run(live_server, tmp_path):
+    with live_server("llama", budget=1000) as server:
+        with Run.create(tmp_path / "whole", config(9), server=server.url) as run:  # the run opens its own client
+            whole = run.tune()
+        with Run.create(tmp_path / "cut", config(9), server=server.url) as run, pytest.raises(Crash):
+            run.tune(on_progress=crash_after(3))
+        with Run.resume(tmp_path / "cut") as run:
+            resumed = run.tune()
+    assert resumed.calls_used == whole.calls_used == 9
+    assert resumed.best_train_loss == whole.best_train_loss and resumed.test_acc == whole.test_acc
+    assert [p["calls"] for p in resumed.curve] == [p["calls"] for p in whole.curve]
+
+
+def test_resume_without_a_run_folder_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        Run.resume(tmp_path)

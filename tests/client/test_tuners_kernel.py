@@ -1,0 +1,61 @@
+"""The tuner kernel: one registry, one CMA-ES base for every CMA method, the loss-count check in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lmaas_client.tuners as tuners
+from lmaas_client.tuners import TUNERS, make_tuner
+from lmaas_client.tuners.base import Tuner
+from lmaas_client.tuners.cmaes import CMATuner
+from lmaas_client.tuners.options import CMAOptions, ProjectedPromptOptions
+from tests.client.test_tuners_methods import TINY, fake_model
+
+
+def test_every_method_is_registered_once_by_name():
+    assert list(TUNERS) == ["manual", "icl", "bbt", "bbtv2", "bdpl", "dept", "gdfo", "prompt-tuning"]
+    assert all(cls.name == name and issubclass(cls, Tuner) for name, cls in TUNERS.items())
+    with pytest.raises(ValueError, match="unknown method 'nope'; available: bbt, bbtv2"):
+        make_tuner("nope", fake_model())
+
+
+def test_every_cma_method_uses_the_cma_base_and_shared_options():
+    for name in ("bbt", "bbtv2", "dept", "gdfo"):
+        cls = TUNERS[name]
+        assert issubclass(cls, CMATuner), name
+        assert issubclass(cls.config_class, CMAOptions) and issubclass(cls.config_class, ProjectedPromptOptions)
+        assert "tell" not in vars(cls) and "ask" not in vars(cls), f"{name} re-implements ask/tell"
+    assert list(TUNERS["bbt"].config_class.model_fields)[:2] == ["seed", "loss"]
+
+
+def test_the_loss_count_check_is_written_once():
+    folder = Path(tuners.__file__).parent
+    holders = sorted(p.name for p in folder.glob("*.py") if "one loss per candidate" in p.read_text(encoding="utf-8"))
+    assert holders == ["base.py"]
+
+
+@pytest.mark.parametrize("method", ["bbt", "bbtv2", "dept"])
+def test_tell_checks_the_count_then_updates_and_clears(method):
+    tuner = make_tuner(method, fake_model(), **TINY[method])
+    with pytest.raises(ValueError, match="one loss per candidate"):
+        tuner.tell([1.0, 2.0, 3.0])  # nothing asked yet
+    asked = tuner.ask()
+    with pytest.raises(ValueError, match="one loss per candidate"):
+        tuner.tell([1.0] * (len(asked) + 1))
+    tuner.tell(list(np.linspace(1.0, 2.0, len(asked))))
+    assert tuner._pending is None
+    with pytest.raises(ValueError, match="one loss per candidate"):
+        tuner.tell([1.0] * len(asked))  # told already
+
+
+def test_bbtv2_moves_to_the_next_layer_through_the_kernel():
+    tuner = make_tuner("bbtv2", fake_model(), **TINY["bbtv2"])
+    first = tuner.strategy()
+    asked = tuner.ask()
+    assert all(c.meta["tuned_layer"] == 0 for c in asked)
+    tuner.tell([float(i) for i in range(len(asked))])
+    assert tuner.layer == 1 and tuner.strategy() is not first and tuner.best_z[0] is not None
+    assert all(c.meta["tuned_layer"] == 1 for c in tuner.ask())
