@@ -38,6 +38,7 @@ class RunResult:
     status: str  # "completed" or "budget_exhausted" (the checkpoint is kept; resume after a top-up)
     config: dict[str, Any]
     curve: list[dict[str, float | None]]
+    manual_calibrated_test_acc: float | None = None  # the manual prompt after a bias fitted on train
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,6 +51,9 @@ class RunState:
     calls: int = 0
     eval_calls: int = 0
     manual_test: float | None = None
+    manual_calibrated_test: float | None = None
+    manual_calibration: dict[str, Any] | None = None  # Calibration.to_json() of the manual prompt
+    best_calibration: dict[str, Any] | None = None  # of the tuner's lowest-loss prompt (calibrated runs)
     curve: list[dict[str, float | None]] = field(default_factory=list)
     selection: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0

@@ -24,7 +24,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lmaas_client import checkpoints
+from lmaas_client.calibration import Calibration
 from lmaas_client.client import LMaaSClient
 from lmaas_client.context import TuneContext
 from lmaas_client.errors import BudgetExhaustedError
@@ -39,6 +42,7 @@ from lmaas_client.tasks.data import TaskData, TestSize, load_task_data
 from lmaas_client.tasks.files import resolve_task, save_task_file
 from lmaas_client.tuners import make_tuner
 from lmaas_client.tuners.base import Tuner
+from lmaas_protocol import scoring
 
 RUN_JSON, TASK_JSON, RESULT_JSON, CHECKPOINT, PROMPT_FILE, CURVE_FILE = (
     "run.json", "task.json", "result.json", "checkpoint.pkl", "prompt.npz", "curve.png"
@@ -187,20 +191,49 @@ class Run:
         """The prompt the run hands over now: best on dev, else lowest train loss, else the manual prompt."""
         return (self.selection.best or self.tuner.best or NO_PROMPT).materialized()  # portable, self-contained
 
+    @property
+    def _calibrating(self) -> bool:
+        return bool(getattr(self.tuner.config, "calibrate", False))
+
+    def _chosen_calibration(self) -> Calibration | None:
+        """The calibration that goes with `_chosen()` (None when the run does not calibrate)."""
+        if not self._calibrating:
+            return None
+        if self.selection.best is not None:
+            return self.selection.best_calibration
+        fitted = self.state.best_calibration if self.tuner.best is not None else self.state.manual_calibration
+        return None if fitted is None else Calibration.from_json(fitted)
+
     def _search_and_test(self, start: float) -> float:
         state, test = self.state, self.data.test
         if state.manual_test is None:
             self._progress(f"scoring the manual prompt on {len(test)} test examples")
-            state.manual_test = self._counted(lambda: self.scorer.score(test, [NO_PROMPT])[0].metric)
+            manual = self._counted(lambda: self.scorer.score(test, [NO_PROMPT], cached=True)[0])
+            if self._calibrating or self.config.method == "manual":  # the calibrated manual prompt: a baseline
+                state.manual_calibrated_test = self._calibrated_manual(manual.logits)
+            state.manual_test = manual.metric
         self._search(start)
         self.best_prompt = chosen = self._chosen()
         last = state.curve[-1] if state.curve else {}
         if chosen.empty and state.manual_test is not None:  # the manual prompt again: already scored
-            return state.manual_test
+            return state.manual_calibrated_test if self._calibrating else state.manual_test  # type: ignore[return-value]
         if last.get("calls") == state.calls and last.get("test_score") is not None:  # scored at a --test-at point
             return last["test_score"]  # type: ignore[return-value]
         self._progress(f"scoring the selected prompt on {len(test)} test examples")
-        return self._counted(lambda: self.scorer.score(test, [chosen])[0].metric)
+        return self._counted(lambda: self._test_score(chosen))
+
+    def _test_score(self, chosen: PromptCandidate) -> float:
+        # cached: the test set's text keys/values are computed once per run, not at every curve point
+        return self.scorer.score(self.data.test, [chosen], cached=True, calibration=self._chosen_calibration())[
+            0
+        ].metric
+
+    def _calibrated_manual(self, test_logits) -> float:
+        """The manual prompt after a bias fitted on its training logits (one call, counted as an eval call)."""
+        train = self._counted(lambda: self.scorer.score(self.data.train, [NO_PROMPT], cached=True, calibrate=True)[0])
+        self.state.manual_calibration = train.calibration.to_json()  # type: ignore[union-attr]
+        labels = np.array([e.label for e in self.data.test])
+        return scoring.score(self.task.metric, train.calibration.apply(test_logits), labels)  # type: ignore[union-attr]
 
     def _search(self, start: float) -> None:
         """ask -> score on train (one call per candidate) -> tell, until the budget is spent."""
@@ -212,20 +245,24 @@ class Run:
             if not candidates:
                 break
             scored = candidates[: (config.budget - state.calls) // per_candidate]  # the budget may end mid-generation
-            results = scorer.score(train, scored, tuner.config.loss, cached=True)
+            results = scorer.score(train, scored, tuner.config.loss, cached=True, calibrate=self._calibrating)
             state.calls += len(scored) * per_candidate
             losses = [r.loss for r in results]
             tuner.observe(scored, losses)
+            for candidate, result in zip(scored, results, strict=True):
+                if candidate is tuner.best and result.calibration is not None:  # keep the new best's calibration
+                    state.best_calibration = result.calibration.to_json()
             if len(scored) == len(candidates):
                 tuner.tell(losses, [r.logits for r in results])
             before = scorer.calls
             test_now = bool(pending_tests) and state.calls >= pending_tests[0]
             final = test_now or state.calls + per_candidate > config.budget
-            self.selection.maybe_evaluate(tuner.best, state.calls, final=final)
+            best_calibration = Calibration.from_json(state.best_calibration) if state.best_calibration else None
+            self.selection.maybe_evaluate(tuner.best, state.calls, final=final, calibration=best_calibration)
             point = {"calls": state.calls, "best_train_loss": tuner.best_loss, "dev_score": self.selection.best_score}
             if test_now:
                 pending_tests = [p for p in pending_tests if p > state.calls]
-                point["test_score"] = scorer.score(self.data.test, [self._chosen()])[0].metric
+                point["test_score"] = self._test_score(self._chosen())
             state.eval_calls += scorer.calls - before
             state.curve.append(point)
             if self.folder is not None:
@@ -274,7 +311,7 @@ class Run:
             manual_prompt_test_acc=state.manual_test if state.manual_test is not None else float("nan"),
             best_dev_acc=self.selection.best_score, test_acc=test_score, test_size=len(data.test),
             test_full_size=data.test_full_size, seconds=round(state.seconds, 2), best_train_loss=self.tuner.best_loss,
-            status=status, curve=state.curve,
+            status=status, curve=state.curve, manual_calibrated_test_acc=state.manual_calibrated_test,
             config={**self.tuner.config.model_dump(), "placement": config.placement, "eval_every": config.eval_every},
         )  # fmt: skip
 
@@ -284,6 +321,9 @@ class Run:
         config, info = self.config, self.scorer.info
         meta = {"task": config.task, "template": self.scorer.template, "model": info.name, "family": info.family,
                 "placement": config.placement, "method": config.method, "seed": config.seed}  # fmt: skip
+        calibration = self._chosen_calibration()
+        if calibration is not None:
+            meta["calibration"] = calibration.to_json()  # `lmaas eval` and `lmaas predict` apply it
         save_prompt(self.folder / PROMPT_FILE, self.best_prompt or self._chosen(), meta)
         title = f"{self.task.name} / {config.method} / seed {config.seed}"
         plot_curve(self.result.curve, self.folder / CURVE_FILE, title, self.task.metric)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmaas_client.calibration import Calibration
 from lmaas_client.evaluation import TaskScorer
 from lmaas_client.prompts import PromptCandidate
 
@@ -19,9 +20,13 @@ class DevSelection:
         self.next_at = self.eval_every
         self.best: PromptCandidate | None = None
         self.best_score: float | None = None
+        self.best_calibration: Calibration | None = None  # the selected prompt's, when the run calibrates
         self._last_scored: PromptCandidate | None = None
 
-    def maybe_evaluate(self, candidate: PromptCandidate | None, calls: int, final: bool) -> None:
+    def maybe_evaluate(
+        self, candidate: PromptCandidate | None, calls: int, final: bool, calibration: Calibration | None = None
+    ) -> None:
+        """Score `candidate` (after its own `calibration`, if any) on dev when an evaluation is due."""
         if candidate is None or not (final or calls >= self.next_at):
             return
         while self.next_at <= calls:
@@ -29,13 +34,17 @@ class DevSelection:
         if candidate is self._last_scored:
             return
         self._last_scored = candidate
-        score = self.scorer.score(self.dev, [candidate], cached=True)[0].metric
+        score = self.scorer.score(self.dev, [candidate], cached=True, calibration=calibration)[0].metric
         if self.best_score is None or score > self.best_score:
-            self.best, self.best_score = candidate, score
+            self.best, self.best_score, self.best_calibration = candidate, score, calibration
 
     def state_dict(self) -> dict[str, Any]:
-        return {"next_at": self.next_at, "best": self.best, "best_score": self.best_score, "last": self._last_scored}
+        calibration = None if self.best_calibration is None else self.best_calibration.to_json()
+        return {"next_at": self.next_at, "best": self.best, "best_score": self.best_score, "last": self._last_scored,
+                "calibration": calibration}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.next_at, self.best, self.best_score = state["next_at"], state["best"], state["best_score"]
         self._last_scored = state["last"]
+        calibration = state.get("calibration")  # absent from checkpoints of before calibration
+        self.best_calibration = None if calibration is None else Calibration.from_json(calibration)

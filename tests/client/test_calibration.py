@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -88,3 +90,61 @@ def test_the_scorer_fits_a_calibration_per_candidate_and_applies_a_given_one(liv
     assert fitted.loss <= plain.loss  # the fit minimises cross-entropy (+ a ridge that only pulls towards 0)
     labels = np.array([e.label for e in train])
     assert forced.metric == pytest.approx(float((labels == 0).mean()))  # every example pushed to class 0
+
+
+def biased_server(server, monkeypatch, bias: float = 6.0):
+    """The served model's logits pushed towards class 0 by `bias`, as a small LM's label prior does."""
+    engine = server.server.config.app.state.engine
+    real = engine.score
+
+    def biased(*args, **kwargs):
+        logits = real(*args, **kwargs)
+        logits[..., 0] += bias
+        return logits
+
+    monkeypatch.setattr(engine, "score", biased)
+
+
+def calibrated_run(client, calibrate: bool, out_dir=None, method: str = "bbt"):
+    from lmaas_client.run import RunConfig, run_tuning
+    from lmaas_client.tasks import get_task
+    from lmaas_client.tuners import make_tuner
+    from tests.client.test_runner_cli import DATA, TINY
+
+    options = {**TINY, "seed": 7, "calibrate": calibrate} if method == "bbt" else {"calibrate": calibrate}
+    config = RunConfig(task="sst2", method=method, budget=6, seed=13, eval_every=3, test_size=32, data_dir=DATA,
+                       placement="suffix", options=options)  # fmt: skip
+    return run_tuning(client, get_task("sst2"), make_tuner(method, client.model_info(), **config.options), config,
+                      out_dir)  # fmt: skip
+
+
+def test_a_calibrated_run_searches_on_calibrated_losses_and_saves_its_calibration(live_server, monkeypatch, tmp_path):
+    from lmaas_client import LMaaSClient
+    from lmaas_client.prompt_io import load_prompt
+    from tests.client.test_runner_cli import DATA, cli
+
+    with live_server() as server, LMaaSClient(server.url) as client:
+        biased_server(server, monkeypatch)
+        plain = calibrated_run(client, calibrate=False)
+        calibrated = calibrated_run(client, calibrate=True, out_dir=tmp_path / "run")
+        evaluated = cli("eval", "--prompt", str(tmp_path / "run" / "prompt.npz"), "--server", server.url,
+                        "--data-dir", DATA, "--test-size", "32")  # fmt: skip
+    # the same seed asks the same first generation: its calibrated losses are lower (a bias undoes the prior)
+    assert calibrated.curve[0]["best_train_loss"] < plain.curve[0]["best_train_loss"]
+    assert plain.manual_calibrated_test_acc is None and calibrated.manual_calibrated_test_acc is not None
+    _, meta = load_prompt(tmp_path / "run" / "prompt.npz")
+    assert meta["calibration"]["bias"][0] < -1  # the fitted bias takes the pushed class back down
+    report = json.loads(evaluated.stdout)
+    assert report["calibrated"] and report["score"] == calibrated.test_acc  # eval applies the saved calibration
+
+
+def test_the_manual_method_reports_the_calibrated_manual_prompt_too(live_server, monkeypatch):
+    from lmaas_client import LMaaSClient
+
+    with live_server() as server, LMaaSClient(server.url) as client:
+        biased_server(server, monkeypatch)
+        manual = calibrated_run(client, calibrate=False, method="manual")
+        manual_calibrated = calibrated_run(client, calibrate=True, method="manual")
+    assert manual.test_acc == manual.manual_prompt_test_acc
+    assert manual.manual_calibrated_test_acc is not None  # `--method manual` reports both
+    assert manual_calibrated.test_acc == manual.manual_calibrated_test_acc  # calibrate=True hands that one over

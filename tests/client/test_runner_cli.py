@@ -25,7 +25,8 @@ from tests.support.tiny_models import build_tokenizer
 DATA = str(REPO / "data")
 TINY = {"popsize": 3, "prompt_length": 2, "intrinsic_dim": 8}
 RESULT_FIELDS = {"method", "task", "seed", "budget", "calls_used", "eval_calls", "manual_prompt_test_acc", "best_dev_acc",
-                 "test_acc", "test_size", "seconds", "curve", "model", "family", "template", "metric", "config"}  # fmt: skip
+                 "test_acc", "test_size", "seconds", "curve", "model", "family", "template", "metric", "config",
+                 "manual_calibrated_test_acc"}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

@@ -31,6 +31,12 @@ class TunerConfig(BaseModel):
 
     seed: int = Field(42, description="Seeds the projection and the optimizer.")
     loss: LossName = Field("ce", description="ce, hinge or perf (-metric).")
+    calibrate: bool = Field(
+        False,
+        description="Score each candidate after its own best class bias, fitted on the training logits the "
+        "API returns anyway (zero calls); dev selection and test use the selected prompt's calibration, which "
+        "prompt.npz keeps.",
+    )
 
 
 class Tuner(ABC):
