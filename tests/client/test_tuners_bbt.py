@@ -302,3 +302,38 @@ def test_init_tokens_none_gives_pure_soft_prompts():
     assert wire.prompt_length() == 4
     back = Candidate.model_validate_json(wire.model_dump_json(exclude_none=True))
     np.testing.assert_array_equal(back.soft_prompt.to_numpy(), candidate.soft)
+
+
+# ------------------------------------------------------------------------------- instruction warm start
+
+
+def test_an_instruction_base_puts_the_tasks_instruction_under_the_prompt(live_server):
+    """init_tokens=instruction: z = 0 is the instruction's own tokens (a sensible prompt), not vocabulary ids."""
+    from lmaas_client import LMaaSClient
+    from lmaas_client.context import TuneContext
+    from lmaas_client.evaluation import TaskScorer
+    from lmaas_client.tasks import get_task
+
+    task = get_task("sst2")
+    with live_server() as server, LMaaSClient(server.url) as client:
+        info = client.model_info()
+        context = TuneContext(client, task, info, TaskScorer(client, task, "suffix"), [], [], 13, "suffix")
+        vocab = make_tuner("bbt", info, popsize=3, intrinsic_dim=8, prompt_length=4, seed=1)
+        instructed = make_tuner("bbt", info, popsize=3, intrinsic_dim=8, prompt_length=4, seed=1,
+                                init_tokens="instruction")  # fmt: skip
+        for tuner in (vocab, instructed):
+            tuner.setup(context)
+        expected = client.tokenize([task.instruction]).ids[0]
+        own = make_tuner("bbt", info, popsize=3, intrinsic_dim=8, seed=1, init_tokens="instruction",
+                         instruction="Positive or negative?")  # fmt: skip
+        own.setup(context)
+        own_ids = client.tokenize(["Positive or negative?"]).ids[0]
+    start = instructed.prompt(np.zeros(8))
+    assert start.token_ids == expected and start.token_ids != vocab.prompt(np.zeros(8)).token_ids
+    assert instructed.spec.shape == [len(expected), info.hidden_size]  # P follows the instruction
+    assert own.prompt(np.zeros(8)).token_ids == own_ids
+
+
+def test_only_bbt_takes_an_instruction_base():
+    with pytest.raises(ValueError, match="bbt only"):
+        make_tuner("dept", fake_model(), popsize=3, prompt_length=2, init_tokens="instruction")

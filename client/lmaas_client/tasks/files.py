@@ -106,6 +106,7 @@ def user_task(
     description: str = "",
     quick_test_size: int | None = None,
     seeds: Sequence[int] | None = None,
+    instruction: str | None = None,
     base_dir: str | Path | None = None,
     source: str | None = None,
 ) -> TaskSpec:
@@ -194,12 +195,13 @@ def user_task(
         description=description,
         seeds=tuple(seeds or ()),
         quick_test_size=quick_test_size,
+        instruction=instruction,
         loader=loader,
         source=source,
     )
 
 
-TOP_KEYS = {"name", "description", "metric", "label_names", "label_values", "quick_test_size", "seeds", "files",
+TOP_KEYS = {"name", "description", "instruction", "metric", "label_names", "label_values", "quick_test_size", "seeds", "files",
             "columns", "label_words", "templates"}  # fmt: skip
 FILE_KEYS = {"train", "dev", "test", "format", "header"}
 COLUMN_KEYS = {"text_a", "text_b", "label"}
@@ -254,7 +256,7 @@ def load_task_file(path: str | Path) -> TaskSpec:
     for key in ("text_a", "label"):
         if key not in columns:
             raise TaskError(f"{at('columns')}: [columns] needs '{key}'")
-    for key in ("description", "metric"):
+    for key in ("description", "metric", "instruction"):
         if key in config and not isinstance(config[key], str):
             raise TaskError(f"{at(key)}: '{key}' must be a string")
     try:
@@ -276,6 +278,7 @@ def load_task_file(path: str | Path) -> TaskSpec:
             description=config.get("description", ""),
             quick_test_size=config.get("quick_test_size"),
             seeds=config.get("seeds"),
+            instruction=config.get("instruction"),
             base_dir=path.resolve().parent,
             source=str(path),
         )
@@ -308,6 +311,8 @@ def task_file_settings(task: TaskSpec) -> dict[str, Any]:
         settings["label_values"] = list(loader.label_values)
     if task.quick_test_size is not None:
         settings["quick_test_size"] = task.quick_test_size
+    if task.instruction:
+        settings["instruction"] = task.instruction
     if task.seeds:
         settings["seeds"] = list(task.seeds)
     return settings

@@ -27,6 +27,7 @@ PAIR_MASKED: dict[Placement, str] = {  # BBT's MRPC/RTE/SNLI template: <P> . {s1
 register_task(
     TaskSpec(
         name="sst2",
+        instruction="Is the sentiment of this review positive or negative?\n",
         description="SST-2 movie-review sentiment (GLUE), 16 examples per class; test: GLUE dev (872)",
         label_names=("negative", "positive"),
         templates={
@@ -43,6 +44,7 @@ register_task(
 register_task(
     TaskSpec(
         name="mrpc",
+        instruction="Do the two sentences mean the same thing?\n",
         description="MRPC paraphrase detection (GLUE), 16 examples per class; metric: F1 of 'equivalent'; "
         "test: GLUE dev (408)",
         label_names=("not_equivalent", "equivalent"),
@@ -59,6 +61,7 @@ register_task(
 register_task(
     TaskSpec(
         name="rte",
+        instruction="Does the first text imply that the second is true?\n",
         description="RTE textual entailment (GLUE), 16 examples per class; test: GLUE dev (277)",
         label_names=("entailment", "not_entailment"),
         templates={
@@ -73,6 +76,7 @@ register_task(
 register_task(
     TaskSpec(
         name="snli",
+        instruction="Does the premise imply the hypothesis, contradict it, or neither?\n",
         description="SNLI natural language inference, 16 examples per class; test: e-SNLI test (9,824, "
         "PTB-tokenized), quick default: a fixed stratified 1,000",
         label_names=("entailment", "neutral", "contradiction"),
@@ -89,6 +93,7 @@ register_task(
 register_task(
     TaskSpec(
         name="agnews",
+        instruction="Is this article about World, Sports, Business or Tech?\n",
         description="AG News topic classification, 16 examples per class; test: 7,600, quick default: a "
         "fixed stratified 1,000",
         label_names=("World", "Sports", "Business", "Tech"),
@@ -115,6 +120,7 @@ DBPEDIA_CAUSAL_WORDS = (" Company", " School", " Artist", " Athlete", " Politici
 register_task(
     TaskSpec(
         name="dbpedia",
+        instruction="What kind of thing is this text about?\n",
         description="DBpedia ontology classification (14 classes), 16 examples per class; test: the "
         "256-example subsample of ordered-prompt's dev_subsample.jsonl (already small: no quick subsample). "
         "Multi-token label words (first sub-token used, SmolLM2): masked ' Athlete' (' Ath'), ' Album' "

@@ -58,6 +58,9 @@ class TaskSpec:
     # Test examples scored by default: a fixed stratified subsample of this size (data.QUICK_TEST_SEED,
     # the same for every run and method); None: the full test set. The full set stays selectable.
     quick_test_size: int | None = None
+    # A short task instruction: the text under a soft prompt started from it (init_tokens="instruction"), so
+    # that z = 0 is already a sensible prompt instead of arbitrary vocabulary tokens.
+    instruction: str | None = None
     # Where the examples come from: None for shipped tasks (data/<name>/...), else a function
     # (split, seed) -> examples; `source` names the task file (or "flags") of a user task.
     loader: SplitLoader | None = field(default=None, compare=False, repr=False)

@@ -5,7 +5,9 @@ each prompt element has std ~ alpha * embedding_std when z ~ N(0, sigma^2 I) (th
 A comes from the protocol's deterministic generator, so by default only z and A's spec travel and the
 server computes A z (server-side projection); `projection_site="client"` sends A z instead.
 The prompt is *added* to the embeddings of P placeholder tokens (BBT's "add" mode; the BBT code uses
-vocabulary ids 1000..1000+P-1), or stands alone as a pure soft prompt (init_tokens="none").
+vocabulary ids 1000..1000+P-1), or stands alone as a pure soft prompt (init_tokens="none"), or is added
+to the tokens of a short task instruction (init_tokens="instruction": P becomes the instruction's length,
+fixed in `setup()` once the server's tokenizer is known).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from lmaas_client.context import TuneContext
 from lmaas_client.prompts import ProjectedZ, PromptCandidate
+from lmaas_client.tasks import TaskError
 from lmaas_client.tuners import cmaes
 from lmaas_client.tuners.base import TunerConfig
 from lmaas_client.tuners.cmaes import CMATuner
@@ -40,10 +44,23 @@ class BBTTuner(CMATuner):
         super().__init__(config, model)
         self.spec = projection_spec(config.intrinsic_dim, config.sigma, config.alpha, model.embedding_std,
                                     config.prompt_length, model.hidden_size, config.seed)  # fmt: skip
-        self.token_ids = placeholder_tokens(
-            config.init_tokens, config.init_token_offset, config.prompt_length, model.vocab_size
-        )
+        self.token_ids = None
+        if config.init_tokens != "instruction":
+            self.token_ids = placeholder_tokens(
+                config.init_tokens, config.init_token_offset, config.prompt_length, model.vocab_size
+            )
         self.es = cmaes.strategy(config.intrinsic_dim, config.sigma, config.popsize, config.seed, config.bound)
+
+    def setup(self, context: TuneContext) -> None:
+        if self.config.init_tokens != "instruction":
+            return
+        text = self.config.instruction or context.task.instruction
+        if not text:
+            raise TaskError(f"task {context.task.name} has no instruction; give one with -o instruction=...")
+        self.token_ids = context.client.tokenize([text]).ids[0]
+        c, model = self.config, self.model
+        self.spec = projection_spec(c.intrinsic_dim, c.sigma, c.alpha, model.embedding_std, len(self.token_ids),
+                                    model.hidden_size, c.seed)  # fmt: skip
 
     def prompt(self, z: np.ndarray) -> PromptCandidate:
         z = np.asarray(z, dtype=np.float64)

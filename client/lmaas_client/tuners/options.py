@@ -25,6 +25,11 @@ class ProjectedPromptOptions(BaseModel):
 
     prompt_length: int = Field(50, ge=1, le=4096, description="P prompt tokens.")
     alpha: float = Field(1.0, gt=0, description="Prompt element std, in units of the embedding std.")
-    init_tokens: Literal["vocab", "none"] = Field("vocab", description="Placeholder tokens under the prompt.")
+    init_tokens: Literal["vocab", "none", "instruction"] = Field(
+        "vocab",
+        description="Tokens under the prompt: vocab (BBT's placeholder ids), none (a pure soft prompt) or "
+        "instruction (the task's instruction text, so z = 0 is a sensible prompt; BBT only).",
+    )
+    instruction: str | None = Field(None, description="With init_tokens=instruction: the text [the task's].")
     init_token_offset: int = Field(1000, ge=0, description="First placeholder token id (BBT: 1000).")
     wire_dtype: Literal["float32", "float16"] = Field("float32", description="dtype of z / A z on the wire.")

@@ -20,4 +20,6 @@ def placeholder_tokens(init: str, offset: int, length: int, vocab_size: int) -> 
     """P placeholder ids under the prompt (BBT: vocabulary ids 1000..1000+P-1), or None for a pure soft prompt."""
     if init == "none":
         return None
+    if init == "instruction":  # only BBT builds its prompt from the task in setup()
+        raise ValueError("init_tokens=instruction is supported by bbt only")
     return [(offset + i) % vocab_size for i in range(length)]
