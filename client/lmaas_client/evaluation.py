@@ -55,8 +55,13 @@ class TaskScorer:
         examples: Sequence[Example],
         candidates: Sequence[PromptCandidate],
         cached: bool = False,
+        key: str | None = None,
     ) -> list[np.ndarray]:
-        """[examples, classes] logits per candidate, in as few requests as the server's limits allow."""
+        """[examples, classes] logits per candidate, in as few requests as the server's limits allow.
+
+        `key`: an idempotency key for this evaluation, derived by the caller from where it stands (a run's id
+        and step); each request gets `key` plus its chunk, so the same evaluation sent again (a resumed run)
+        is replayed by the server instead of charged twice. None: a random key per request (retries only)."""
         limits = self.info.limits
         out: list[list[np.ndarray]] = [[] for _ in candidates]
         for e0 in range(0, len(examples), limits.max_examples):
@@ -66,11 +71,13 @@ class TaskScorer:
                 names = projection_names(group)
                 specs = named_specs(group, names) or None
                 wire = [c.to_wire(names) for c in group]
+                request_key = None if key is None else f"{key}-e{e0}-c{c0}"
                 if cached:
-                    response = self._evaluate_cached((id(examples), e0), chunk, wire, specs)
+                    response = self._evaluate_cached((id(examples), e0), chunk, wire, specs, request_key)
                 else:
                     inline = self.inputs_spec(chunk).model_dump()
-                    response = self.client.evaluate(EvaluateRequest(**inline, candidates=wire, projections=specs))
+                    request = EvaluateRequest(**inline, candidates=wire, projections=specs)
+                    response = self.client.evaluate(request, idempotency_key=request_key)
                 self.calls += response.usage.calls
                 for offset, result in enumerate(response.results):
                     out[c0 + offset].append(np.array(result.logits.to_numpy(), dtype=np.float32))
@@ -79,13 +86,14 @@ class TaskScorer:
     def inputs_spec(self, examples: list[Example]) -> InputsSpec:
         return InputsSpec(template=self.template, examples=examples, verbalizer=self.verbalizer, truncate=self.truncate)
 
-    def _evaluate_cached(self, key, examples: list[Example], wire, projections) -> EvaluateResponse:
+    def _evaluate_cached(self, key, examples: list[Example], wire, projections, request_key=None) -> EvaluateResponse:
         for attempt in range(2):
             if key not in self._handles:
                 self._handles[key] = self.client.register_inputs(self.inputs_spec(examples)).handle
             request = EvaluateRequest(inputs=self._handles[key], candidates=wire, projections=projections)
+            retry_key = None if request_key is None else request_key + ("-again" if attempt else "")
             try:
-                return self.client.evaluate(request)
+                return self.client.evaluate(request, idempotency_key=retry_key)
             except NotFoundError:  # evicted (410) or forgotten (404) by the server: register again, once
                 del self._handles[key]
                 if attempt:
@@ -100,13 +108,14 @@ class TaskScorer:
         cached: bool = False,
         calibrate: bool = False,
         calibration: Calibration | None = None,
+        key: str | None = None,
     ) -> list[Scores]:
         """Loss and metric per candidate; `calibrate` fits each candidate's own class bias on these examples
         (zero calls: the logits are already here) and scores the corrected logits, `calibration` applies a
         given one (a prompt's, fitted on the training set, to dev or test)."""
         labels = np.array([e.label for e in examples])
         scores = []
-        for logits in self.logits(examples, candidates, cached):
+        for logits in self.logits(examples, candidates, cached, key):
             fitted = calibrating.fit(logits, labels) if calibrate else calibration
             used = fitted.apply(logits) if fitted is not None else logits
             scores.append(Scores(logits, scoring.loss(loss, used, labels, self.task.metric),

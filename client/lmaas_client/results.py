@@ -50,6 +50,7 @@ class RunState:
 
     calls: int = 0
     eval_calls: int = 0
+    run_id: str = ""  # names the run's idempotency keys: a resumed run replays what was in flight
     manual_test: float | None = None
     manual_calibrated_test: float | None = None
     manual_calibration: dict[str, Any] | None = None  # Calibration.to_json() of the manual prompt

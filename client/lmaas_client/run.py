@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -164,11 +165,14 @@ class Run:
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
         config = self.config
+        if self.resumed and (finished := self._finished_result()) is not None:
+            return finished  # a completed run resumed: nothing to do, nothing to pay
         self.scorer = TaskScorer(self.client, self.task, config.placement)
         self.data = load_task_data(self.task, config.seed, config.data_dir, config.test_size)
         self.selection = DevSelection(self.scorer, self.data.dev, config.eval_every)
         if self.resumed:
             self.state = self._load_checkpoint()
+        self.state.run_id = self.state.run_id or uuid.uuid4().hex  # saved with the first checkpoint
         self.tuner.setup(TuneContext(self.client, self.task, self.scorer.info, self.scorer, self.data.train,
                                      self.data.dev, config.seed, config.placement, self.resumed))  # fmt: skip
         status, test_score = "completed", None
@@ -180,6 +184,20 @@ class Run:
         self.state.seconds += time.perf_counter() - start
         self.result = self._result(test_score, status)
         self._write_outputs()
+        return self.result
+
+    def _key(self, step: str) -> str:
+        """The idempotency key of one evaluation of this run: the same step after a resume, the same key."""
+        return f"run-{self.state.run_id}-{step}"
+
+    def _finished_result(self) -> RunResult | None:
+        path = None if self.folder is None else self.folder / RESULT_JSON
+        if path is None or not path.exists():
+            return None
+        saved = json.loads(path.read_text())
+        if saved.get("status") != "completed":
+            return None
+        self.result = RunResult(**saved)
         return self.result
 
     def _progress(self, message: str | None = None) -> None:
@@ -208,7 +226,9 @@ class Run:
         state, test = self.state, self.data.test
         if state.manual_test is None:
             self._progress(f"scoring the manual prompt on {len(test)} test examples")
-            manual = self._counted(lambda: self.scorer.score(test, [NO_PROMPT], cached=True)[0])
+            manual = self._counted(
+                lambda: self.scorer.score(test, [NO_PROMPT], cached=True, key=self._key("manual"))[0]
+            )
             if self._calibrating or self.config.method == "manual":  # the calibrated manual prompt: a baseline
                 state.manual_calibrated_test = self._calibrated_manual(manual.logits)
             state.manual_test = manual.metric
@@ -220,17 +240,21 @@ class Run:
         if last.get("calls") == state.calls and last.get("test_score") is not None:  # scored at a --test-at point
             return last["test_score"]  # type: ignore[return-value]
         self._progress(f"scoring the selected prompt on {len(test)} test examples")
-        return self._counted(lambda: self._test_score(chosen))
+        return self._counted(lambda: self._test_score(chosen, "final"))
 
-    def _test_score(self, chosen: PromptCandidate) -> float:
+    def _test_score(self, chosen: PromptCandidate, step: str) -> float:
         # cached: the test set's text keys/values are computed once per run, not at every curve point
-        return self.scorer.score(self.data.test, [chosen], cached=True, calibration=self._chosen_calibration())[
-            0
-        ].metric
+        calibration = self._chosen_calibration()
+        return self.scorer.score(self.data.test, [chosen], cached=True, calibration=calibration,
+                                 key=self._key(step))[0].metric  # fmt: skip
 
     def _calibrated_manual(self, test_logits) -> float:
         """The manual prompt after a bias fitted on its training logits (one call, counted as an eval call)."""
-        train = self._counted(lambda: self.scorer.score(self.data.train, [NO_PROMPT], cached=True, calibrate=True)[0])
+        train = self._counted(
+            lambda: self.scorer.score(self.data.train, [NO_PROMPT], cached=True, calibrate=True, key=self._key("mcal"))[
+                0
+            ]
+        )
         self.state.manual_calibration = train.calibration.to_json()  # type: ignore[union-attr]
         labels = np.array([e.label for e in self.data.test])
         return scoring.score(self.task.metric, train.calibration.apply(test_logits), labels)  # type: ignore[union-attr]
@@ -245,7 +269,8 @@ class Run:
             if not candidates:
                 break
             scored = candidates[: (config.budget - state.calls) // per_candidate]  # the budget may end mid-generation
-            results = scorer.score(train, scored, tuner.config.loss, cached=True, calibrate=self._calibrating)
+            results = scorer.score(train, scored, tuner.config.loss, cached=True, calibrate=self._calibrating,
+                                   key=self._key(f"train{state.calls}"))  # fmt: skip
             state.calls += len(scored) * per_candidate
             losses = [r.loss for r in results]
             tuner.observe(scored, losses)
@@ -258,11 +283,12 @@ class Run:
             test_now = bool(pending_tests) and state.calls >= pending_tests[0]
             final = test_now or state.calls + per_candidate > config.budget
             best_calibration = Calibration.from_json(state.best_calibration) if state.best_calibration else None
-            self.selection.maybe_evaluate(tuner.best, state.calls, final=final, calibration=best_calibration)
+            self.selection.maybe_evaluate(tuner.best, state.calls, final=final, calibration=best_calibration,
+                                          key=self._key(f"dev{state.calls}"))  # fmt: skip
             point = {"calls": state.calls, "best_train_loss": tuner.best_loss, "dev_score": self.selection.best_score}
             if test_now:
                 pending_tests = [p for p in pending_tests if p > state.calls]
-                point["test_score"] = self._test_score(self._chosen())
+                point["test_score"] = self._test_score(self._chosen(), f"test{state.calls}")
             state.eval_calls += scorer.calls - before
             state.curve.append(point)
             if self.folder is not None:

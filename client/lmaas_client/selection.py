@@ -24,7 +24,12 @@ class DevSelection:
         self._last_scored: PromptCandidate | None = None
 
     def maybe_evaluate(
-        self, candidate: PromptCandidate | None, calls: int, final: bool, calibration: Calibration | None = None
+        self,
+        candidate: PromptCandidate | None,
+        calls: int,
+        final: bool,
+        calibration: Calibration | None = None,
+        key: str | None = None,
     ) -> None:
         """Score `candidate` (after its own `calibration`, if any) on dev when an evaluation is due."""
         if candidate is None or not (final or calls >= self.next_at):
@@ -34,7 +39,7 @@ class DevSelection:
         if candidate is self._last_scored:
             return
         self._last_scored = candidate
-        score = self.scorer.score(self.dev, [candidate], cached=True, calibration=calibration)[0].metric
+        score = self.scorer.score(self.dev, [candidate], cached=True, calibration=calibration, key=key)[0].metric
         if self.best_score is None or score > self.best_score:
             self.best, self.best_score, self.best_calibration = candidate, score, calibration
 

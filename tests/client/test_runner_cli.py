@@ -269,10 +269,24 @@ def test_cli_resume_refuses_a_checkpoint_that_would_run_code(live_server, tmp_pa
         args = ["tune", "--out", str(out), "--server", server.url, "--budget", "3", "--popsize", "3",
                 "--prompt-length", "2", "--intrinsic-dim", "8", "--test-size", "8", "--data-dir", DATA]  # fmt: skip
         assert cli(*args).exit_code == 0
+        (out / "result.json").unlink()  # as a run that crashed before its end
         (out / "checkpoint.pkl").write_bytes(pickle.dumps({"version": 1, "tuner": Payload(marker)}))
         resumed = cli("tune", "--out", str(out), "--resume")
     assert_clean_failure(resumed, "refusing to load")
     assert not marker.exists()
+
+
+def test_resuming_a_completed_run_does_nothing_and_costs_nothing(live_server, tmp_path):
+    out = tmp_path / "run"
+    with live_server() as server:
+        args = ["tune", "--out", str(out), "--server", server.url, "--budget", "3", "--popsize", "3",
+                "--prompt-length", "2", "--intrinsic-dim", "8", "--test-size", "8", "--data-dir", DATA]  # fmt: skip
+        assert cli(*args).exit_code == 0
+        budget = server.server.config.app.state.budget
+        used, before = budget.used, (out / "result.json").read_text()
+        resumed = cli("tune", "--out", str(out), "--resume")
+        assert resumed.exit_code == 0, resumed.output
+        assert budget.used == used and (out / "result.json").read_text() == before
 
 
 def test_cli_test_at_must_be_call_counts(tmp_path):
