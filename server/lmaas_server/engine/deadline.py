@@ -18,8 +18,7 @@ from contextlib import contextmanager
 import numpy as np
 import uvicorn
 
-from lmaas_protocol import ErrorCode, ProjectionSpec
-from lmaas_protocol.projection import CHUNK, standard_normal_stream, uniform_stream
+from lmaas_protocol import ErrorCode, ProjectionSpec, projection
 from lmaas_server.errors import APIError
 
 STOPPING = threading.Event()  # set once, by the SIGTERM handler (cli.serve)
@@ -102,18 +101,7 @@ class StoppingServer(uvicorn.Server):
 
 
 def materialize(spec: ProjectionSpec) -> np.ndarray:
-    """`lmaas_protocol.materialize` (the same bits: the same chunks of the same streams), checking the current
-    request's deadline between chunks. A [dim, prod(shape)] float32."""
+    """`lmaas_protocol.materialize` (the same bits), checking the current request's deadline between chunks.
+    A [dim, prod(shape)] float32."""
     deadline = _current.get()
-    total = spec.elements
-    out = np.empty(total, dtype=np.float32)
-    for start in range(0, total, CHUNK):
-        if deadline is not None:
-            deadline.check()
-        count = min(CHUNK, total - start)
-        if spec.distribution == "normal":
-            values = standard_normal_stream(spec.seed, start, count) * spec.scale
-        else:
-            values = (2.0 * uniform_stream(spec.seed, start, count) - 1.0) * spec.scale
-        out[start : start + count] = values
-    return out.reshape(spec.dim, spec.width)
+    return projection.materialize(spec, None if deadline is None else deadline.check)

@@ -10,6 +10,7 @@ is part of the protocol, pinned by a test vector. Element (i, j) of A uses count
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 import numpy as np
@@ -108,11 +109,14 @@ def standard_normal_stream(seed: int, start: int, count: int) -> np.ndarray:
     return normals.reshape(-1)[start - first : start - first + count]
 
 
-def materialize(spec: ProjectionSpec) -> np.ndarray:
-    """A as float32 [dim, prod(shape)]; identical bits for identical specs everywhere."""
+def materialize(spec: ProjectionSpec, between_chunks: Callable[[], None] | None = None) -> np.ndarray:
+    """A as float32 [dim, prod(shape)]; identical bits for identical specs everywhere. `between_chunks` runs
+    before each chunk of CHUNK elements (the server checks its request deadline there)."""
     total = spec.elements
     out = np.empty(total, dtype=np.float32)
     for start in range(0, total, CHUNK):
+        if between_chunks is not None:
+            between_chunks()
         count = min(CHUNK, total - start)
         if spec.distribution == "normal":
             values = standard_normal_stream(spec.seed, start, count) * spec.scale
