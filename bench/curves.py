@@ -43,7 +43,11 @@ class Series:
         return cls(label, Path(root), tag)
 
     def runs(self, task: str) -> list[dict]:
-        paths = sorted((self.root / task).glob(f"{self.tag}-*/result.json"))
+        paths = sorted(
+            p
+            for p in (self.root / task).glob(f"{self.tag}-*/result.json")
+            if p.parent.name.removeprefix(f"{self.tag}-").isdigit()
+        )  # "bbt-13", not "bbt-cal-13"
         runs = [json.loads(p.read_text()) for p in paths]
         return [r for r in runs if r.get("status", "completed") == "completed" or r.get("curve")]
 

@@ -1,0 +1,78 @@
+"""Accuracy-per-call screens of the tuning levers (calibration, warm starts, search settings): learning curves on
+full test sets, in-process runs (`Run`) against one `lmaas-server`, so registered test sets keep their cached
+keys/values across runs. Finished runs (result.json) are skipped; stopped ones start again.
+
+    python bench/bench_levers.py --out bench/results/calib/smollm2 --tasks sst2,agnews --seeds 13 \\
+        --variant 'bbt={"popsize":10,"prompt_length":10,"intrinsic_dim":500}' \\
+        --variant 'bbt-cal={"popsize":10,"prompt_length":10,"intrinsic_dim":500,"calibrate":true}' \\
+        --variant 'bbt-ins-cal={"popsize":10,"intrinsic_dim":500,"init_tokens":"instruction","calibrate":true}'
+    python bench/curves.py table --at 300 --task sst2 --series "BBT=bench/results/calib/smollm2:bbt" ...
+
+Each variant is a BBT run (suffix placement) with the given options; `--method` changes the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from demo import BIN, free_port, wait_healthy
+
+from lmaas_client import LMaaSClient
+from lmaas_client.run import RunConfig, run_tuning
+from lmaas_client.tasks.files import resolve_task
+from lmaas_client.tuners import make_tuner
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", help="served model (default: the offline SmolLM2-135M-Instruct)")
+    parser.add_argument("--tasks", default="sst2,agnews")
+    parser.add_argument("--seeds", default="13,42,100")
+    parser.add_argument("--method", default="bbt")
+    parser.add_argument("--budget", type=int, default=300)
+    parser.add_argument("--test-at", default="50,100,200,300")
+    parser.add_argument("--variant", action="append", required=True, help="TAG=JSON options")
+    args = parser.parse_args()
+    variants = dict(v.split("=", 1) for v in args.variant)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [str(BIN / "lmaas-server"), "serve", "--no-auth", "--budget", str(10**9), "--port", str(port),
+               "--log-level", "warning", *(["--model", args.model] if args.model else [])]  # fmt: skip
+    server = subprocess.Popen(command, env={**os.environ, "LMAAS_INPUT_CACHE_BYTES": str(5 * 10**9)})
+    try:
+        wait_healthy(url, server)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for task in args.tasks.split(","):
+                for tag, options in variants.items():
+                    run_one(url, args, task, seed, tag, json.loads(options))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def run_one(url: str, args: argparse.Namespace, task: str, seed: int, tag: str, options: dict) -> None:
+    out = args.out / task / f"{tag}-{seed}"
+    if (out / "result.json").exists():
+        return
+    config = RunConfig(task, args.method, args.budget, seed, "suffix", 25, None, None, {**options, "seed": seed},
+                       [int(c) for c in args.test_at.split(",")])  # fmt: skip
+    started = time.perf_counter()
+    with LMaaSClient(url, timeout=7200.0) as client:
+        tuner = make_tuner(config.method, client.model_info(), **config.options)
+        result = run_tuning(client, resolve_task(task), tuner, config, out)
+    points = [(p["calls"], round(p["test_score"], 4)) for p in result.curve if p.get("test_score") is not None]
+    print(f"{task} {tag} seed {seed}: manual {result.manual_prompt_test_acc:.4f} calibrated manual "
+          f"{result.manual_calibrated_test_acc} test {result.test_acc} curve {points} "
+          f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
