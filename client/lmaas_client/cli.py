@@ -72,6 +72,7 @@ def usage(
                       f"{entry.status}")  # fmt: skip
 
 
+# Over 60 lines: typer declares each of the command's ~30 options as a parameter; the body is ~25 lines.
 @app.command()
 def tune(
     out: Annotated[

@@ -26,8 +26,7 @@ texts, text_a and text_b; the tokenizer endpoint is free):
   special token, `<...>` (`<s>`, `<mask>`, `<|endoftext|>`, byte tokens `<0x0A>`) or `[UPPER]` (`[UNK]`,
   `[PAD]`, `[MASK]`), the model's mask token id, and tokens that are only whitespace once the tokenizers'
   space/newline markers (Ġ ▁ Ċ) are removed.
-- Candidates are single tokens for every model family (the paper uses 50 whole phrases for GPT).
-  The vocabulary is saved in `state_dict`.
+- Candidates are single tokens for every model family (the paper: 50 whole phrases for GPT); saved in `state_dict`.
 
 Search (one API call per sampled prompt, the runner scores each on the whole training set):
 - ask(): I = `num_samples` (20) prompts drawn from the per-position categoricals by inverse CDF with the
