@@ -1,5 +1,6 @@
 """lmaas edge client: HTTP client, tasks and derivative-free tuners. Never imports torch."""
 
+from lmaas_client.api import load_prompt, tune
 from lmaas_client.client import DEFAULT_BASE_URL, LMaaSClient
 from lmaas_client.errors import (
     APIConnectionError,
@@ -34,4 +35,6 @@ __all__ = [
     "RateLimitedError",
     "ServerError",
     "__version__",
+    "load_prompt",
+    "tune",
 ]

@@ -1,4 +1,8 @@
-"""Learning-curve plots (matplotlib, imported lazily and drawn off-screen)."""
+"""Learning-curve plots (matplotlib, imported lazily and drawn off-screen).
+
+A `Figure` drawn without pyplot: saving a run's curve never switches the backend of a notebook the run
+was started from, and leaves no figure open in it.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,11 @@ def plot_curve(curve: Sequence[dict], path: Path, title: str, metric: str = "acc
     """Best training loss and best dev score against calls used; None when there is nothing to plot."""
     if not curve:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     calls = [point["calls"] for point in curve]
-    figure, loss_axis = plt.subplots(figsize=(6.4, 4.0))
+    figure = Figure(figsize=(6.4, 4.0))
+    loss_axis = figure.subplots()
     loss_axis.plot(calls, [point["best_train_loss"] for point in curve], color="tab:blue", label="best train loss")
     loss_axis.set_xlabel("calls used")
     loss_axis.set_ylabel("best train loss", color="tab:blue")
@@ -30,5 +32,4 @@ def plot_curve(curve: Sequence[dict], path: Path, title: str, metric: str = "acc
     loss_axis.set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
     return path

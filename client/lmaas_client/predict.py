@@ -98,6 +98,34 @@ class Predictor:
             predictions.append(Prediction(row_id, names[int(p.argmax())], by_name, gold))
         return predictions
 
+    def classify(self, texts: Any) -> list[Prediction]:
+        """Predictions for texts given as strings, (text_a, text_b) pairs, dicts with text_a/text_b (and an
+        optional label name), or a DataFrame-like table (anything with `to_dict("records")`); ids are the
+        0-based positions. Batched to the server's limits, one call per batch."""
+        records = texts.to_dict("records") if hasattr(texts, "to_dict") else list(texts)
+        rows = [(str(i), self._example(record)) for i, record in enumerate(records)]
+        size = min(MAX_BATCH, self.client.model_info().limits.max_examples)
+        return [p for start in range(0, len(rows), size) for p in self.predict(rows[start : start + size])]
+
+    def evaluate(self, split: str = "test", seed: int | None = None, test_size: Any = None,
+                 data_dir: str | Path | None = None) -> float:  # fmt: skip
+        """The prompt's metric on a split of its task (its calibration applied), as `lmaas eval` reports it."""
+        from lmaas_client.tasks.data import load_split, load_test
+
+        split_seed = seed if seed is not None else self.meta.get("seed", 42)
+        examples = load_test(self.task, test_size, data_dir) if split == "test" else load_split(
+            self.task, split, split_seed, data_dir)  # type: ignore[arg-type]  # fmt: skip
+        return self.scorer.score(examples, [self.candidate], calibration=self.calibration)[0].metric
+
+    def _example(self, record: Any) -> Example:
+        if isinstance(record, str):
+            return Example(text_a=record)
+        if isinstance(record, (tuple, list)):
+            return Example(text_a=record[0], text_b=record[1] if len(record) > 1 else None)
+        label = record.get("label")
+        label_id = self.label_names.index(label) if isinstance(label, str) else label
+        return Example(text_a=record["text_a"], text_b=record.get("text_b"), label=label_id)
+
     def batch_key(self, rows: Sequence[Row], start: int) -> str:
         """The same rows at the same place under the same prompt: the same key, so a rerun replays."""
         digest = hashlib.sha256(self.fingerprint.encode())
