@@ -18,7 +18,9 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+
+from lmaas_server.api.asgi import HTTPMiddleware
 
 REQUESTS = Counter("lmaas_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"])
 LATENCY = Histogram(
@@ -45,16 +47,10 @@ def exposition() -> tuple[bytes, str]:
     return generate_latest(), CONTENT_TYPE_LATEST
 
 
-class MetricsMiddleware:
+class MetricsMiddleware(HTTPMiddleware):
     """Counts requests and latency per route template and status."""
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
         status = 500
 

@@ -10,22 +10,17 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmaas_protocol import REQUEST_ID_HEADER, ErrorCode, ErrorDetail, ErrorResponse
+from lmaas_server.api.asgi import HTTPMiddleware
 from lmaas_server.logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-class RequestContextMiddleware:
+class RequestContextMiddleware(HTTPMiddleware):
     """Assigns `scope["state"]["request_id"]` (the client's X-Request-ID if sane) and echoes it back."""
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         given = _header(scope, REQUEST_ID_HEADER.lower())
         request_id = given if given and _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
@@ -45,17 +40,14 @@ class RequestContextMiddleware:
             REQUEST_ID.reset(token)
 
 
-class BodyLimitMiddleware:
+class BodyLimitMiddleware(HTTPMiddleware):
     """Rejects bodies over `max_bytes` with 413 before the app parses them (Content-Length or streamed)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = _header(scope, "content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             await self._reject(scope, send)
@@ -95,20 +87,14 @@ def _header(scope: Scope, name: str) -> str | None:
     return None
 
 
-class InternalErrorMiddleware:
+class InternalErrorMiddleware(HTTPMiddleware):
     """Answers unexpected exceptions with the 500 ErrorResponse itself, inside the app.
 
     Starlette's outermost error middleware would also answer them, but then re-raises, and uvicorn drops
     the keep-alive connection; a pooled client's next request would fail on a reset socket.
     """
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def tracking_send(message: Message) -> None:
