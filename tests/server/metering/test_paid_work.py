@@ -106,7 +106,7 @@ def test_sigterm_ends_the_server_in_seconds_and_the_request_in_flight_gets_503(d
     )
     thread.start()
     deadline = time.monotonic() + 30
-    while database.assert_consistent(described.prefix).reserved == 0:  # the request is being worked on
+    while database.totals(described.prefix).reserved == 0:  # the request is being worked on (racy read: no check)
         assert time.monotonic() < deadline, server.logs()[-3000:]
         time.sleep(0.05)
     time.sleep(0.5)
