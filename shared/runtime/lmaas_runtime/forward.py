@@ -19,13 +19,15 @@ prompt through the in-place writes into the word embeddings).
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
-from transformers import DynamicCache
+from typing import TYPE_CHECKING
 
 from lmaas_runtime.hooks import DeepPromptHooks, LabelPositionHook
+from lmaas_runtime.lazy import inference_mode
 from lmaas_runtime.prefix import gather_prefix
 from lmaas_runtime.rows import Row, text_positions, with_prompt_tokens
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Forward:
@@ -43,13 +45,15 @@ class Forward:
             head.register_forward_pre_hook(self.label_hook)
         self.deep_hooks = DeepPromptHooks(layers)
 
-    @torch.inference_mode()
+    @inference_mode
     def run(self, batch: Sequence[Row]) -> None:
         """Score every row of the batch and write its class logits into `row.out`."""
         self._scatter(self.vocab_logits(batch).float(), batch)
 
     def vocab_logits(self, batch: Sequence[Row]) -> torch.Tensor:
         """Logits [B, V] at each row's label position, under the caller's grad mode (one path per batch)."""
+        import torch
+
         cached = batch[0].prefix is not None
         starts = [0 if cached else row.example.prompt_at for row in batch]  # prompt position per row
         tokens = [row.suffix_ids if cached else with_prompt_tokens(row.example, row.prompt) for row in batch]
@@ -76,6 +80,8 @@ class Forward:
         return logits.reshape(len(batch), -1)
 
     def _pad(self, tokens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         width = max(len(t) for t in tokens)
         ids = torch.full((len(tokens), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(tokens), width), dtype=torch.long)
@@ -101,6 +107,8 @@ class Forward:
 
     def _deep_additions(self, batch: Sequence[Row], starts: list[int]) -> dict:
         """Per layer: (row indices, positions, values) to add at the prompt positions."""
+        import torch
+
         parts: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
         for b, (row, start) in enumerate(zip(batch, starts, strict=True)):
             for layer, values in row.prompt.deep.items():
@@ -114,6 +122,9 @@ class Forward:
 
     def _prefix_inputs(self, batch: Sequence[Row], suffix_attention: torch.Tensor) -> dict:
         """Cached keys/values of each row's text, and masks and positions that continue after it."""
+        import torch
+        from transformers import DynamicCache
+
         keys, values, prefix_attention, lengths = gather_prefix([(r.prefix, r.prefix_row) for r in batch], self.device)
         steps = torch.arange(suffix_attention.shape[1], device=self.device)
         cache = DynamicCache(ddp_cache_data=list(zip(keys, values, strict=True)), config=self.model.config)

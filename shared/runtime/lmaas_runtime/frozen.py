@@ -11,19 +11,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from lmaas_protocol import Example, FieldError, ModelInfo
 from lmaas_runtime import probes
 from lmaas_runtime.errors import ModelError
 from lmaas_runtime.forward import Forward
+from lmaas_runtime.lazy import inference_mode
 from lmaas_runtime.loading import Family, load_frozen, transformer_layers
 from lmaas_runtime.prefix import PrefixKV, compute_prefix, eligible
 from lmaas_runtime.rendering import RenderedExample, TemplateRenderer
 from lmaas_runtime.rows import Row, RowPrompt, Verbalizer
+
+if TYPE_CHECKING:
+    import torch
 
 PREPARE_BATCH_TOKENS = 16384  # token slots per pass when the client caches its examples' text
 
@@ -167,7 +170,7 @@ class FrozenLM:
         vocab_logits = self.forward.vocab_logits(batch).float()
         return Verbalizer.build(verbalizer, self.device)(vocab_logits)
 
-    @torch.inference_mode()
+    @inference_mode
     def prompt_logits(
         self, rendered: Sequence[RenderedExample], verbalizer: Sequence[Sequence[int]], prompts: Sequence[RowPrompt]
     ) -> np.ndarray:

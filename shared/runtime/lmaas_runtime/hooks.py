@@ -7,8 +7,10 @@ works unchanged. Both hooks are inert until their state is set for one forward p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class LabelPositionHook:
@@ -18,6 +20,8 @@ class LabelPositionHook:
         self.positions: torch.Tensor | None = None  # [B] label position per row, or None (inert)
 
     def __call__(self, module: torch.nn.Module, args: tuple) -> tuple:
+        import torch
+
         if self.positions is None:
             return args
         hidden = args[0]

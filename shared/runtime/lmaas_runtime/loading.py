@@ -13,12 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
-import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from typing import TYPE_CHECKING, Any, Literal
 
 from lmaas_runtime.errors import ModelError
 from lmaas_runtime.source import (
@@ -29,6 +24,10 @@ from lmaas_runtime.source import (
     family_of,
     resolve_source,
 )
+
+if TYPE_CHECKING:
+    import torch
+    import transformers
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +57,8 @@ def load_frozen(
 ) -> Loaded:
     """Resolve `spec` (None: the offline default), load it on `device` as `dtype` ("auto": bfloat16 or float16
     on CUDA, float32 on CPU) and freeze it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
     try:
         source = resolve_source(spec, gguf_file)
     except ModelSourceError as exc:
@@ -85,12 +86,16 @@ def detect_family(config: transformers.PretrainedConfig) -> Family:
 
 
 def pick_device(setting: str) -> torch.device:
+    import torch
+
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(setting)
 
 
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if setting != "auto":
         return getattr(torch, setting)
     if device.type == "cuda":
@@ -107,6 +112,8 @@ def freeze(model: torch.nn.Module) -> None:
 
 def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The model's stack of transformer layers (Llama `layers`, GPT-2 `h`, BERT `encoder.layer`, ...)."""
+    import torch
+
     count = model.config.num_hidden_layers
     stacks = [m for m in model.base_model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
     if not stacks:
@@ -119,6 +126,8 @@ def dequantised(source: ModelSource, cache_dir: Path) -> ModelSource:
 
     Converting SmolLM2 takes ~18 s on a 2-core CPU; later loads read the copy in well under a second.
     """
+    import transformers
+
     target = converted_folder(source, cache_dir, transformers.__version__)
     if not (target / "config.json").exists():
         _convert(source, target)
@@ -126,6 +135,9 @@ def dequantised(source: ModelSource, cache_dir: Path) -> ModelSource:
 
 
 def _convert(source: ModelSource, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     log.info("converting %s/%s (one time, cached in %s)", source.path, source.gguf_file, target)
     model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
@@ -148,5 +160,10 @@ def _convert(source: ModelSource, target: Path) -> None:
 
 def config_family(config: Any) -> str | None:
     """ "masked" or "causal" for a transformers config (None: neither), by transformers' own head mappings."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
     return family_of(config.architectures, config.model_type, getattr(config, "is_decoder", False),
                      set(MODEL_FOR_MASKED_LM_MAPPING_NAMES), set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))  # fmt: skip

@@ -9,10 +9,13 @@ A prompt at the very start (the papers' prefix placement) leaves nothing to reus
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-
+from lmaas_runtime.lazy import inference_mode
 from lmaas_runtime.rendering import RenderedExample
+
+if TYPE_CHECKING:
+    import torch
 
 
 class PrefixKV:
@@ -34,11 +37,13 @@ def eligible(examples: Sequence[RenderedExample]) -> bool:
     return all(e.prompt_at > 0 for e in examples)
 
 
-@torch.inference_mode()
+@inference_mode
 def compute_prefix(
     model: torch.nn.Module, examples: Sequence[RenderedExample], pad_id: int, max_batch_tokens: int
 ) -> PrefixKV:
     """Run the base model (no LM head) over each example's tokens before its prompt slot."""
+    import torch
+
     device = model.get_input_embeddings().weight.device
     prefixes = [e.ids[: e.prompt_at] for e in examples]
     width = max(len(p) for p in prefixes)
@@ -71,6 +76,8 @@ def gather_prefix(
     Returns per-layer keys and values [B, kv_heads, width, head_dim], the prefix attention mask
     [B, width] (0 on padding) and the real lengths [B] (where each row's positions continue).
     """
+    import torch
+
     width = max(prefix.width for prefix, _ in rows)
     lengths = torch.stack([prefix.lengths[index] for prefix, index in rows])
     attention = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
@@ -88,6 +95,8 @@ def gather_prefix(
 
 def _stack(sources: list[torch.Tensor], groups: dict, count: int, width: int, device: torch.device) -> torch.Tensor:
     """One layer's [B, kv_heads, width, head_dim] from each group's cached tensor, zero-padded to `width`."""
+    import torch
+
     first = sources[0]
     stacked = first.new_zeros((count, first.shape[1], width, first.shape[3]))
     for source, (_, members, indices) in zip(sources, groups.values(), strict=True):

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from lmaas_protocol import Example, InputsSpec
 from lmaas_runtime.hooks import capture_layer_inputs
+from lmaas_runtime.lazy import inference_mode
 from lmaas_runtime.rendering import RenderedExample
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,8 @@ def model_max_length(model: torch.nn.Module, tokenizer: Any) -> int:
 
 def embedding_std(embedding: torch.nn.Module) -> float:
     """Std of the embedding layer's *outputs* over the vocabulary (includes any built-in scaling, e.g. Gemma)."""
+    import torch
+
     weight = embedding.weight
     total = total_sq = 0.0
     with torch.inference_mode():
@@ -78,11 +83,13 @@ def clipped_std(values: torch.Tensor) -> float:
     return float(values.std())
 
 
-@torch.inference_mode()
+@inference_mode
 def layer_std(
     model: torch.nn.Module, layers: Sequence[torch.nn.Module], rendered: Sequence[RenderedExample], pad_id: int
 ) -> list[float]:
     """Clipped std of the hidden states entering each layer, over the real tokens of `rendered`."""
+    import torch
+
     width = max(len(e.ids) for e in rendered)
     ids = torch.full((len(rendered), width), pad_id, dtype=torch.long)
     attention = torch.zeros_like(ids)

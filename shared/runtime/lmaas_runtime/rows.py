@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from lmaas_runtime.prefix import PrefixKV
 from lmaas_runtime.rendering import RenderedExample
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class RowPrompt:
 
     def finite(self) -> bool:
         """False when projecting or multiplying finite inputs overflowed (e.g. a huge z or scale)."""
+        import torch
+
         tensors = [self.soft, self.offset, *self.deep.values()]
         return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
 
@@ -47,6 +52,8 @@ class Verbalizer:
 
     @classmethod
     def build(cls, ids: Sequence[Sequence[int]], device: torch.device) -> Verbalizer:
+        import torch
+
         width = max(len(row) for row in ids)
         index = torch.tensor([list(row) + [row[0]] * (width - len(row)) for row in ids], device=device)
         valid = torch.tensor([[j < len(row) for j in range(width)] for row in ids], device=device)
@@ -54,6 +61,8 @@ class Verbalizer:
 
     def __call__(self, vocab_logits: torch.Tensor) -> torch.Tensor:
         """[B, V] -> [B, C]: a class's logit is the logsumexp of its label words' logits."""
+        import torch
+
         picked = vocab_logits[:, self.index].masked_fill(~self.valid, float("-inf"))  # [B, C, W]
         return torch.logsumexp(picked, dim=-1)
 
@@ -104,6 +113,8 @@ def with_prompt_tokens(example: RenderedExample, prompt: RowPrompt) -> list[int]
 
 def text_positions(example: RenderedExample, prompt_length: int) -> torch.Tensor:
     """Positions of the example's own tokens (all but the prompt span) in the plain-path sequence."""
+    import torch
+
     positions = list(range(len(example.ids)))
     if example.prompt_at >= 0:
         positions = [p if p < example.prompt_at else p + prompt_length for p in positions]
