@@ -20,7 +20,7 @@ def test_usage_reports_the_keys_budget_and_newest_requests(database: Database, m
         as_json = cli("usage", "--server", server.url, "--api-key", secret, "--json")
     assert (report.used, report.remaining, report.name) == (1, 9, "notebook")
     assert report.recent[0].endpoint.endswith("evaluate") and report.recent[0].calls == 1
-    assert printed.exit_code == 0 and "1/10 calls used, 9 left" in printed.output
+    assert printed.exit_code == 0 and "1/10 calls used, 9 left" in " ".join(printed.output.split())
     assert json.loads(as_json.stdout)["used"] == 1
 
 
