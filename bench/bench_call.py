@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    settings = Settings()
+    settings = Settings(require_api_key=False)  # an in-process benchmark server: no keys
     engine = Engine(load_model(settings), settings)
     rows = []
     with LiveServer(create_app(settings, engine=engine)) as server, LMaaSClient(server.url) as client:

@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    settings = Settings()
+    settings = Settings(require_api_key=False)  # an in-process benchmark server: no keys
     engine = Engine(load_model(settings), settings)
     info = engine.info
     task = get_task("sst2")
