@@ -37,7 +37,7 @@ from lmaas_runtime import FrozenLM
 from lmaas_runtime.prefix import compute_prefix, eligible
 from lmaas_runtime.probes import probe_inputs
 from lmaas_runtime.rendering import TemplateRenderer
-from lmaas_runtime.rows import Row, RowPrompt, Verbalizer
+from lmaas_runtime.rows import Row, RowPrompt, Verbalizer, first_overflow
 from lmaas_server import metrics
 from lmaas_server.config import Settings
 from lmaas_server.engine.bounds import check_bounds
@@ -94,6 +94,7 @@ class Engine:
             mask_token_id=tokenizer.mask_token_id if not self.causal else None,
             dtype=str(self.loaded.dtype).removeprefix("torch."),
             device=str(self.loaded.device),
+            prefix_cache=bool(self.prefix_cache),
             limits=ServerLimits(
                 max_candidates=self.settings.max_candidates,
                 max_examples=self.settings.max_examples,
@@ -173,11 +174,11 @@ class Engine:
         with account.charge(calls, tokens) as charge, deadline.active():  # projections are paid work: after it
             prompts = [self.decoder.decode(c, request.projections) for c in request.candidates]
             charge.work_done()  # from here an error in the request is charged (see ChargeContext.work_done)
-            for i, prompt in enumerate(prompts):
-                if not prompt.finite():
-                    raise InvalidRequest(
-                        f"candidates.{i}", "the prompt's values overflow to Inf or NaN once projected or multiplied"
-                    )
+            overflow = first_overflow(prompts)  # one device sync for the whole population
+            if overflow is not None:
+                raise InvalidRequest(
+                    f"candidates.{overflow}", "the prompt's values overflow to Inf or NaN once projected or multiplied"
+                )
             use_prefix = self._use_prefix(variant, prompts, reused=request.inputs is not None)
             logits = self.score(prepared, variant, prompts, use_prefix, deadline)
             for i, candidate_logits in enumerate(logits):

@@ -71,9 +71,14 @@ class ModelInfo(WireModel):
     )
     mask_token: str | None = None
     mask_token_id: int | None = None
-    dtype: str
+    dtype: str = Field(description="The dtype the model is served in (float32, bfloat16, float16).")
     device: str
     limits: ServerLimits
+    prefix_cache: bool = Field(
+        False,
+        description="Whether the text before {prompt} is computed once and reused (causal LMs; off when disabled "
+        "or when the start-up check found it differs from the plain path). Absent from older servers: false.",
+    )
 
 
 # ----------------------------------------------------------------------------------------------- tokenize

@@ -18,13 +18,18 @@ prompt through the in-place writes into the word embeddings).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from lmaas_runtime.hooks import DeepPromptHooks, LabelPositionHook
+import numpy as np
+
+from lmaas_runtime.head import LabelHead
+from lmaas_runtime.hooks import DeepPromptHooks
 from lmaas_runtime.lazy import inference_mode
+from lmaas_runtime.placements import Placements, text_positions
 from lmaas_runtime.prefix import gather_prefix
-from lmaas_runtime.rows import Row, text_positions, with_prompt_tokens
+from lmaas_runtime.rows import Row, Verbalizer, with_prompt_tokens
 
 if TYPE_CHECKING:
     import torch
@@ -39,27 +44,48 @@ class Forward:
         self.pad_id = pad_id
         self.embedding = model.get_input_embeddings()
         self.device = self.embedding.weight.device
-        self.label_hook = LabelPositionHook()
-        head = model.get_output_embeddings()
-        if head is not None:  # else the logits of every position come back and are gathered below
-            head.register_forward_pre_hook(self.label_hook)
+        self.head = LabelHead(model)
         self.deep_hooks = DeepPromptHooks(layers)
 
     @inference_mode
     def run(self, batch: Sequence[Row]) -> None:
-        """Score every row of the batch and write its class logits into `row.out`."""
-        self._scatter(self.vocab_logits(batch).float(), batch)
+        """Score every row of the batch and write its class logits (float32) into `row.out`."""
+        hidden, logits = self.label_states(batch)
+        groups: dict[int, list[int]] = {}
+        for b, row in enumerate(batch):
+            groups.setdefault(id(row.verbalizer), []).append(b)
+        for members in groups.values():
+            verbalizer = batch[members[0]].verbalizer
+            picked = members if len(members) < len(batch) else slice(None)
+            class_logits = self.class_logits(hidden, logits, verbalizer, picked).cpu().numpy()
+            for b, values in zip(members, class_logits, strict=True):
+                batch[b].out[:] = values
+
+    def class_logits(self, hidden, logits, verbalizer: Verbalizer, rows=slice(None)) -> torch.Tensor:
+        """Float32 class logits [b, C] of `rows` from `label_states`' output (differentiable in the hidden state)."""
+        if hidden is not None:
+            return verbalizer.reduce(self.head.logits(hidden[rows], verbalizer.index))  # [b, C, W] -> [b, C]
+        return verbalizer(logits[rows].float())
 
     def vocab_logits(self, batch: Sequence[Row]) -> torch.Tensor:
-        """Logits [B, V] at each row's label position, under the caller's grad mode (one path per batch)."""
+        """Float32 logits [B, V] of the whole vocabulary at each row's label position (caller's grad mode)."""
+        import torch
+
+        hidden, logits = self.label_states(batch)
+        if hidden is None:
+            return logits.float()
+        return self.head.logits(hidden, torch.arange(self.head.module.weight.shape[0], device=hidden.device))
+
+    def label_states(self, batch: Sequence[Row]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One forward pass (one path per batch) under the caller's grad mode: the hidden states [B, H] at the
+        label positions (the LM head bypassed), or, for heads that cannot be, the head's logits [B, V]."""
         import torch
 
         cached = batch[0].prefix is not None
         starts = [0 if cached else row.example.prompt_at for row in batch]  # prompt position per row
         tokens = [row.suffix_ids if cached else with_prompt_tokens(row.example, row.prompt) for row in batch]
         ids, attention = self._pad(tokens)
-        embeds = self.embedding(ids)  # [B, T, H]
-        embeds = self._write_prompts(embeds, batch, starts)
+        embeds = self._write_prompts(self.embedding(ids), batch, starts)  # [B, T, H]
         label_at = [row.example.label_position(row.prompt.length, self.causal) for row in batch]
         if cached:
             label_at = [at - row.example.prompt_at for at, row in zip(label_at, batch, strict=True)]
@@ -67,58 +93,65 @@ class Forward:
         else:
             kwargs = {"attention_mask": attention}
         self.deep_hooks.additions = self._deep_additions(batch, starts)
-        self.label_hook.positions = torch.tensor(label_at, device=self.device)
+        self.head.positions = torch.tensor(label_at, device=self.device)
         try:
             logits = self.model(inputs_embeds=embeds, **kwargs).logits
+            hidden = self.head.hidden if self.head.direct else None
         finally:
-            self.label_hook.positions = None
+            self.head.reset()
             self.deep_hooks.additions = {}
+        if hidden is not None:
+            return hidden, None
         if logits.shape[1] != 1:  # a head that bypassed its output-embedding module: gather here
             logits = logits[
                 torch.arange(len(batch), device=logits.device), torch.tensor(label_at, device=logits.device)
             ]
-        return logits.reshape(len(batch), -1)
+        return None, logits.reshape(len(batch), -1)
 
     def _pad(self, tokens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids and attention mask [B, T], built on the host and sent in one transfer."""
         import torch
 
-        width = max(len(t) for t in tokens)
-        ids = torch.full((len(tokens), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(tokens), width), dtype=torch.long)
-        for b, row in enumerate(tokens):
-            ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention[b, : len(row)] = 1
-        return ids.to(self.device), attention.to(self.device)
+        lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+        real = np.arange(int(lengths.max()))[None, :] < lengths[:, None]  # [B, T]
+        ids = np.full(real.shape, self.pad_id, dtype=np.int64)
+        ids[real] = np.fromiter(itertools.chain.from_iterable(tokens), dtype=np.int64, count=int(lengths.sum()))
+        both = torch.from_numpy(np.stack([ids, real.astype(np.int64)])).to(self.device)
+        return both[0], both[1]
 
     def _write_prompts(self, embeds: torch.Tensor, batch: Sequence[Row], starts: list[int]) -> torch.Tensor:
-        """Prompt positions: embed(token_ids) + soft, or soft alone; offsets on the example's own tokens."""
+        """Prompt positions: embed(token_ids) + soft, or soft alone; offsets on the example's own tokens.
+        At most two indexed writes for the whole batch."""
+        import torch
+
+        zero_rows, zero_positions, added = [], [], Placements()
         for b, (row, start) in enumerate(zip(batch, starts, strict=True)):
             prompt = row.prompt
             if prompt.length and start >= 0:
-                span = slice(start, start + prompt.length)
-                if prompt.token_ids is None:
-                    embeds[b, span] = 0.0
+                if prompt.token_ids is None:  # placeholder ids: their embeddings are replaced, not added to
+                    zero_rows.append(np.full(prompt.length, b))
+                    zero_positions.append(np.arange(start, start + prompt.length))
                 if prompt.soft is not None:
-                    embeds[b, span] += prompt.soft
+                    added.span(b, start, prompt.soft)
             if prompt.offset is not None:
-                text = text_positions(row.example, prompt.length)[: prompt.offset.shape[0]]
-                embeds[b, text] += prompt.offset[: len(text)]
+                text = text_positions(len(row.example.ids), row.example.prompt_at, prompt.length)
+                added.add(b, text[: prompt.offset.shape[0]], prompt.offset)
+        if zero_rows:
+            index = torch.from_numpy(np.stack([np.concatenate(zero_rows), np.concatenate(zero_positions)]))
+            rows, positions = index.to(embeds.device)
+            embeds = embeds.index_put((rows, positions), embeds.new_zeros(()))
+        if added:
+            rows, positions, values = added.build(embeds.device)
+            embeds = embeds.index_put((rows, positions), values.to(embeds.dtype), accumulate=True)
         return embeds
 
     def _deep_additions(self, batch: Sequence[Row], starts: list[int]) -> dict:
-        """Per layer: (row indices, positions, values) to add at the prompt positions."""
-        import torch
-
-        parts: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
+        """Per layer: (row indices [n], positions [n], values [n, H]) to add at the prompt positions."""
+        placements: dict[int, Placements] = {}
         for b, (row, start) in enumerate(zip(batch, starts, strict=True)):
             for layer, values in row.prompt.deep.items():
-                parts.setdefault(layer, []).append((b, start, values))
-        additions = {}
-        for layer, items in parts.items():
-            rows = torch.cat([torch.full((v.shape[0],), b, dtype=torch.long) for b, _, v in items])
-            positions = torch.cat([torch.arange(s, s + v.shape[0]) for _, s, v in items])
-            additions[layer] = (rows.to(self.device), positions.to(self.device), torch.cat([v for *_, v in items]))
-        return additions
+                placements.setdefault(layer, Placements()).span(b, start, values)
+        return {layer: p.build(self.device) for layer, p in placements.items()}
 
     def _prefix_inputs(self, batch: Sequence[Row], suffix_attention: torch.Tensor) -> dict:
         """Cached keys/values of each row's text, and masks and positions that continue after it."""
@@ -134,13 +167,3 @@ class Forward:
             "cache": cache,
             "use_cache": True,
         }
-
-    def _scatter(self, vocab_logits: torch.Tensor, batch: Sequence[Row]) -> None:
-        groups: dict[int, list[int]] = {}
-        for b, row in enumerate(batch):
-            groups.setdefault(id(row.verbalizer), []).append(b)
-        for members in groups.values():
-            verbalizer = batch[members[0]].verbalizer
-            class_logits = verbalizer(vocab_logits[members]).cpu().numpy()
-            for b, values in zip(members, class_logits, strict=True):
-                batch[b].out[:] = values

@@ -53,6 +53,7 @@ class FrozenLM:
         limit = probes.model_max_length(model, tokenizer)
         self.max_length = min(max_length, limit) if max_length else limit
         self.forward = Forward(model, self.layers, self.causal, self.pad_id)
+        self.forward.head.verify()  # float32 label logits from the label position, where they equal the head's
         self._embedding_std: float | None = None
 
     @classmethod
@@ -167,8 +168,8 @@ class FrozenLM:
         if prepared.prefix is not None and length > 0:
             for row, index in zip(batch, prepared.indices, strict=True):
                 row.prefix, row.prefix_row = prepared.prefix, index
-        vocab_logits = self.forward.vocab_logits(batch).float()
-        return Verbalizer.build(verbalizer, self.device)(vocab_logits)
+        hidden, logits = self.forward.label_states(batch)
+        return self.forward.class_logits(hidden, logits, Verbalizer.build(verbalizer, self.device))
 
     @inference_mode
     def prompt_logits(

@@ -1,7 +1,7 @@
-"""Forward hooks that put prompts into, and take label positions out of, a frozen transformers model.
+"""Forward hooks that put prompts into a frozen transformers model (the label position's: `head`).
 
 Hooks instead of a patched model class: any architecture with an output embedding and a stack of layers
-works unchanged. Both hooks are inert until their state is set for one forward pass, and reset after it.
+works unchanged. The hooks are inert until their state is set for one forward pass, and reset after it.
 """
 
 from __future__ import annotations
@@ -11,22 +11,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
-
-
-class LabelPositionHook:
-    """Pre-hook on the output embedding: hidden [B, T, H] -> [B, 1, H] at each row's label position."""
-
-    def __init__(self) -> None:
-        self.positions: torch.Tensor | None = None  # [B] label position per row, or None (inert)
-
-    def __call__(self, module: torch.nn.Module, args: tuple) -> tuple:
-        import torch
-
-        if self.positions is None:
-            return args
-        hidden = args[0]
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return (hidden[rows, self.positions].unsqueeze(1), *args[1:])
 
 
 class DeepPromptHooks:
@@ -44,10 +28,10 @@ class DeepPromptHooks:
             if index not in self.additions:
                 return None
             rows, positions, values = self.additions[index]
+            hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, H] in the served dtype
+            hidden = hidden.index_put((rows, positions), values.to(hidden.dtype), accumulate=True)
             if args:
-                hidden = args[0].index_put((rows, positions), values.to(args[0].dtype), accumulate=True)
                 return (hidden, *args[1:]), kwargs
-            hidden = kwargs["hidden_states"].index_put((rows, positions), values, accumulate=True)
             return args, {**kwargs, "hidden_states": hidden}
 
         return add

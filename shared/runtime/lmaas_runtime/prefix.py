@@ -74,32 +74,41 @@ def gather_prefix(
     """Stack the cached prefixes of a batch's rows (possibly from different example sets).
 
     Returns per-layer keys and values [B, kv_heads, width, head_dim], the prefix attention mask
-    [B, width] (0 on padding) and the real lengths [B] (where each row's positions continue).
+    [B, width] (0 on padding) and the real lengths [B] (where each row's positions continue). The row
+    indices go to the device once; then one gather per layer (per example set when several share the batch).
     """
     import torch
 
-    width = max(prefix.width for prefix, _ in rows)
-    lengths = torch.stack([prefix.lengths[index] for prefix, index in rows])
-    attention = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
-    groups: dict[int, tuple[PrefixKV, list[int], list[int]]] = {}
+    groups: dict[int, tuple[PrefixKV, list[int], list[int]]] = {}  # id -> (prefix, batch rows, its rows)
     for b, (prefix, index) in enumerate(rows):
-        groups.setdefault(id(prefix), (prefix, [], []))
-        groups[id(prefix)][1].append(b)
-        groups[id(prefix)][2].append(index)
-    keys = [_stack([prefix.keys[layer] for prefix, *_ in groups.values()], groups, len(rows), width, device)
-            for layer in range(len(rows[0][0].keys))]  # fmt: skip
-    values = [_stack([prefix.values[layer] for prefix, *_ in groups.values()], groups, len(rows), width, device)
-              for layer in range(len(rows[0][0].values))]  # fmt: skip
+        group = groups.setdefault(id(prefix), (prefix, [], []))
+        group[1].append(b)
+        group[2].append(index)
+    width = max(prefix.width for prefix, *_ in groups.values())
+    indexed = []  # (prefix, batch rows [b], its rows [b]), both index tensors sent in one transfer
+    for prefix, members, indices in groups.values():
+        indexed.append((prefix, *torch.tensor([members, indices], dtype=torch.long).to(device)))
+    layers = range(len(rows[0][0].keys))
+    if len(indexed) == 1:  # one example set (the usual case): a gather per layer, already `width` wide
+        prefix, _, index = indexed[0]
+        keys = [prefix.keys[layer].index_select(0, index) for layer in layers]
+        values = [prefix.values[layer].index_select(0, index) for layer in layers]
+        lengths = prefix.lengths.index_select(0, index)
+    else:
+        keys = [_stack([(p.keys[layer], m, i) for p, m, i in indexed], len(rows), width) for layer in layers]
+        values = [_stack([(p.values[layer], m, i) for p, m, i in indexed], len(rows), width) for layer in layers]
+        lengths = torch.empty(len(rows), dtype=indexed[0][0].lengths.dtype, device=device)
+        for prefix, members, index in indexed:
+            lengths[members] = prefix.lengths.index_select(0, index)
+    attention = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
     return keys, values, attention, lengths
 
 
-def _stack(sources: list[torch.Tensor], groups: dict, count: int, width: int, device: torch.device) -> torch.Tensor:
-    """One layer's [B, kv_heads, width, head_dim] from each group's cached tensor, zero-padded to `width`."""
-    import torch
-
-    first = sources[0]
+def _stack(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], count: int, width: int) -> torch.Tensor:
+    """One layer's [B, kv_heads, width, head_dim] from each example set's cached tensor (with the batch rows it
+    fills and its own rows), zero-padded to `width`."""
+    first = parts[0][0]
     stacked = first.new_zeros((count, first.shape[1], width, first.shape[3]))
-    for source, (_, members, indices) in zip(sources, groups.values(), strict=True):
-        index = torch.tensor(indices, device=device)
-        stacked[torch.tensor(members, device=device), :, : source.shape[2]] = source[index]
+    for source, members, index in parts:
+        stacked[members, :, : source.shape[2]] = source.index_select(0, index)
     return stacked

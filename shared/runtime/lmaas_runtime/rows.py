@@ -35,12 +35,25 @@ class RowPrompt:
         """True when the example's tokens change (so their cached keys/values cannot be reused)."""
         return self.offset is not None
 
-    def finite(self) -> bool:
-        """False when projecting or multiplying finite inputs overflowed (e.g. a huge z or scale)."""
-        import torch
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.soft, self.offset, *self.deep.values()) if t is not None]
 
-        tensors = [self.soft, self.offset, *self.deep.values()]
-        return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
+
+def first_overflow(prompts: Sequence[RowPrompt]) -> int | None:
+    """Index of the first prompt with an Inf or NaN (projecting or multiplying finite inputs overflowed, e.g. a
+    huge z or scale), else None: one check per prompt on its device and one transfer for all of them."""
+    import torch
+
+    checked, flags = [], []
+    for i, prompt in enumerate(prompts):
+        if prompt.tensors:
+            checked.append(i)
+            flags.append(torch.stack([torch.isfinite(t).all() for t in prompt.tensors]).all())
+    if not flags:
+        return None
+    finite = torch.stack(flags).cpu().tolist()  # prompts share the model's device
+    return next((i for i, ok in zip(checked, finite, strict=True) if not ok), None)
 
 
 @dataclass(eq=False)
@@ -61,10 +74,13 @@ class Verbalizer:
 
     def __call__(self, vocab_logits: torch.Tensor) -> torch.Tensor:
         """[B, V] -> [B, C]: a class's logit is the logsumexp of its label words' logits."""
+        return self.reduce(vocab_logits[:, self.index])
+
+    def reduce(self, word_logits: torch.Tensor) -> torch.Tensor:
+        """[B, C, W] logits of `index`'s words -> [B, C] (the logsumexp over each class's words)."""
         import torch
 
-        picked = vocab_logits[:, self.index].masked_fill(~self.valid, float("-inf"))  # [B, C, W]
-        return torch.logsumexp(picked, dim=-1)
+        return torch.logsumexp(word_logits.masked_fill(~self.valid, float("-inf")), dim=-1)
 
 
 @dataclass(eq=False)
@@ -109,13 +125,3 @@ def with_prompt_tokens(example: RenderedExample, prompt: RowPrompt) -> list[int]
     # Pure soft prompts get placeholder id 0; their embeddings are zeroed before the soft prompt is added.
     inserted = prompt.token_ids if prompt.token_ids is not None else [0] * prompt.length
     return example.ids[: example.prompt_at] + list(inserted) + example.ids[example.prompt_at :]
-
-
-def text_positions(example: RenderedExample, prompt_length: int) -> torch.Tensor:
-    """Positions of the example's own tokens (all but the prompt span) in the plain-path sequence."""
-    import torch
-
-    positions = list(range(len(example.ids)))
-    if example.prompt_at >= 0:
-        positions = [p if p < example.prompt_at else p + prompt_length for p in positions]
-    return torch.tensor(positions, dtype=torch.long)
