@@ -51,7 +51,8 @@ DEFAULT_PROMPT = REPO / "bench/results/calib/smollm2/sst2/bbt-13/prompt.npz"
 
 
 def engine_for(dtype: str, model: str | None) -> Engine:
-    settings = Settings(require_api_key=False, device="cpu", dtype=dtype, model=model, input_cache_bytes=8 << 30)
+    settings = Settings(require_api_key=False, device="cpu", dtype=dtype, model=model, input_cache_bytes=8 << 30,
+                        request_timeout_s=86400)  # fmt: skip
     return Engine(load_model(settings), settings)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -11,6 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.support.tiny_models import KINDS, save_tiny_model
+
+# Servers started by the tests, in-process or as subprocesses, serve float32 unless a test asks otherwise: their
+# references are float32, and `auto` would pick bfloat16 on CPUs with bfloat16 instructions (tested explicitly).
+os.environ.setdefault("LMAAS_DTYPE", "float32")
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,9 @@ class Settings(BaseSettings):
     family: Literal["auto", "masked", "causal"] = "auto"
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="'auto' = float32 on CPU, bfloat16 on GPUs that support it, else float16."
+        "auto",
+        description="'auto' = bfloat16 on CPUs with bfloat16 instructions (avx512_bf16, amx_bf16), else float32; "
+        "bfloat16 on GPUs that support it, else float16.",
     )
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's own).")
     cache_dir: Path = Field(Path.home() / ".cache" / "lmaas", description="Converted-model cache (GGUF).")

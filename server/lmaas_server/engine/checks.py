@@ -18,9 +18,9 @@ def prefix_cache_matches(engine) -> bool:
     """Score random prompts with and without the prefix cache; use the cache only if they agree.
 
     Agree: every class logit within the served dtype's rounding (`precision.RELATIVE_TOLERANCE` of the largest
-    |logit|: 1e-3 in float32, 5e-2 in bfloat16, whose batch shapes alone move logits by tenths) and the same
-    decision wherever the plain path's margin exceeds that. A cache that is wrong for a model (positions, masks)
-    moves logits by their own size, far beyond either.
+    |logit|: 0.1% in float32, 10% in bfloat16, where batch shapes alone move SmolLM2's logits by 4%) and the
+    same decision wherever the plain path's margin exceeds that. A cache that is wrong for a model (positions,
+    masks) moves a real model's logits by more than their own size.
     """
     prepared = engine.prepare(probe_inputs(engine.causal), enforce_limits=False)
     variant = prepared.variant(engine.renderer, 3, 3)
@@ -53,10 +53,10 @@ def prefix_cache_matches(engine) -> bool:
 
 
 def compare(got: np.ndarray, want: np.ndarray, relative: float) -> tuple[float, float, int]:
-    """(max |got - want|, the tolerance: `relative` x max(1, max |want|), decisions [..., classes] that differ
-    where `want`'s margin between its top two classes exceeds the tolerance)."""
+    """(max |got - want|, the tolerance: `relative` x max |want|, decisions [..., classes] that differ where
+    `want`'s margin between its top two classes exceeds the tolerance)."""
     difference = float(np.abs(got - want).max())
-    tolerance = relative * max(1.0, float(np.abs(want).max()))
+    tolerance = relative * float(np.abs(want).max())
     top_two = np.sort(want, axis=-1)[..., -2:]
     clear = (top_two[..., 1] - top_two[..., 0]) > tolerance
     flipped = int(((got.argmax(-1) != want.argmax(-1)) & clear).sum())

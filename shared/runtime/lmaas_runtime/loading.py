@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lmaas_runtime.errors import ModelError
+from lmaas_runtime.precision import cpu_native_bf16
 from lmaas_runtime.source import (
     DEFAULT_CACHE_DIR,
     ModelSource,
@@ -56,7 +57,7 @@ def load_frozen(
     cache_dir: str | Path | None = None,
 ) -> Loaded:
     """Resolve `spec` (None: the offline default), load it on `device` as `dtype` ("auto": bfloat16 or float16
-    on CUDA, float32 on CPU) and freeze it."""
+    on CUDA; on CPU bfloat16 where it has bfloat16 instructions, else float32) and freeze it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     try:
@@ -100,7 +101,8 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
         return getattr(torch, setting)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    # CPUs with bfloat16 instructions: about 2x faster per call, the same SST-2 accuracy (BENCHMARKS.md)
+    return torch.bfloat16 if cpu_native_bf16() else torch.float32
 
 
 def freeze(model: torch.nn.Module) -> None:

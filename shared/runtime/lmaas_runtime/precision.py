@@ -11,8 +11,9 @@ if TYPE_CHECKING:
 
 # Relative tolerance (of the largest |logit|) for two computations of the same logits that differ only in
 # rounding: batch shapes, cached vs recomputed keys/values, a float32 vs a half-precision LM head. bfloat16 keeps
-# 8 significant bits (a relative step of 2^-8), float16 11; errors grow through the layers.
-RELATIVE_TOLERANCE = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2, "float64": 1e-6}
+# 8 significant bits and its errors grow through the layers: on SmolLM2-135M the cached and the plain path
+# differ by 4.3% of the largest logit (0.33 of 7.5), a wrong cache by 170%. float16 keeps 11 bits (8x finer).
+RELATIVE_TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 1e-1, "float64": 1e-6}
 
 # CPU flags (Linux /proc/cpuinfo) of instructions that compute in bfloat16 natively: AVX-512 BF16 and AMX.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")

@@ -278,6 +278,7 @@ def server_env(db_url: str, replica: str, **extra: str) -> dict[str, str]:
         LMAAS_DATABASE_URL=db_url,
         LMAAS_REPLICA_ID=replica,
         LMAAS_DEVICE="cpu",
+        LMAAS_DTYPE="float32",  # as every test server (tests/conftest.py)
         LMAAS_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
