@@ -5,6 +5,8 @@ thread, the real client), for prompt lengths 0 (the manual prompt), 10 and 50, p
 (prefix) as in the BBT papers.
 
     python bench/bench_call.py [--repeats 3] [--seed 42] [--json bench/results/call.json]
+
+The served dtype is the settings' (LMAAS_DTYPE; `auto` serves bfloat16 on CPUs with bfloat16 instructions).
 """
 
 from __future__ import annotations
@@ -53,14 +55,17 @@ def make_request(engine: Engine, prompt_length: int, seed: int) -> EvaluateReque
     )
 
 
-def timed(fn, repeats: int) -> list[float]:
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """Median wall and CPU seconds (all of this process's threads) per call, after one warm-up. On a shared
+    machine the wall time grows with other processes' load; the CPU time much less, so compare runs by it."""
     fn()  # warm-up
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return times
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def main() -> None:
@@ -76,21 +81,26 @@ def main() -> None:
     with LiveServer(create_app(settings, engine=engine)) as server, LMaaSClient(server.url) as client:
         for prompt_length in (0, 10, 50):
             request = make_request(engine, prompt_length, args.seed)
-            local = timed(lambda: engine.evaluate(request, CallBudget(None)), args.repeats)  # noqa: B023 (called now)
-            remote = timed(lambda: client.evaluate(request), args.repeats)  # noqa: B023 (called now)
-            rows.append({"prompt_length": prompt_length, "in_process_s": statistics.median(local),
-                         "http_s": statistics.median(remote)})  # fmt: skip
+            local, local_cpu = timed(lambda: engine.evaluate(request, CallBudget(None)), args.repeats)  # noqa: B023
+            remote, _ = timed(lambda: client.evaluate(request), args.repeats)  # noqa: B023 (called now)
+            rows.append({"prompt_length": prompt_length, "in_process_s": local, "in_process_cpu_s": local_cpu,
+                         "http_s": remote})  # fmt: skip
     machine = (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
-    print(f"model {engine.info.name} on {engine.info.device} ({machine}); 32 SST-2 train examples, seed {args.seed}")
-    print("| prompt tokens (prefix) | in-process s/call | HTTP s/call |")
-    print("|---|---|---|")
+    print(f"model {engine.info.name} on {engine.info.device} as {engine.info.dtype} ({machine}); 32 SST-2 train "
+          f"examples, seed {args.seed}")  # fmt: skip
+    print("| prompt tokens (prefix) | in-process s/call | in-process CPU s/call | HTTP s/call |")
+    print("|---|---|---|---|")
     for row in rows:
-        print(f"| {row['prompt_length']} | {row['in_process_s']:.2f} | {row['http_s']:.2f} |")
+        print(
+            f"| {row['prompt_length']} | {row['in_process_s']:.2f} | {row['in_process_cpu_s']:.2f} | {row['http_s']:.2f} |"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"machine": machine, "dtype": engine.info.dtype, "rows": rows}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":

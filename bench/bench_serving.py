@@ -167,7 +167,7 @@ def main() -> None:
     cached_one = cached.model_copy(update={"candidates": projected[:1]})
     upload_projected = (len(encode_bundle(cached)) - len(encode_bundle(cached_one))) / (args.candidates - 1)
     report = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {engine.info.device}",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {engine.info.device}, {engine.info.dtype}",
         "model": info.name, "candidates_per_request": args.candidates, "prompt_length": args.prompt_length,
         "examples": len(train), "rates": results,
         "ratios_to_reference": {k: v / results["1_reference_loop"] for k, v in results.items()},

@@ -8,12 +8,13 @@ Two paths:
   those keys/values. Deep prompts work here too: they touch only prompt positions, which the cached text
   never attends to. Embedding offsets change the text itself, so their rows take the plain path.
 
-Rows from different requests (and different templates or verbalizers) may share a batch. Nothing here
-returns hidden states or full-vocabulary logits: a pre-hook on the LM head keeps each row's label position.
+Rows from different requests (and different templates or verbalizers) may share a batch. No
+full-vocabulary logits are computed: a pre-hook on the LM head keeps each row's hidden state at its label
+position, and only the label words' logits are computed from it, in float32 (`head.LabelHead`).
 
 The same code scores for the server (`run`: no gradients, class logits written into each row's slot) and
-for the client's white-box methods (`vocab_logits` under the caller's grad mode: gradients reach the soft
-prompt through the in-place writes into the word embeddings).
+for the client's white-box methods (`label_states` and `class_logits` under the caller's grad mode:
+gradients reach the soft prompt through the indexed writes into the word embeddings).
 """
 
 from __future__ import annotations
@@ -66,15 +67,6 @@ class Forward:
         if hidden is not None:
             return verbalizer.reduce(self.head.logits(hidden[rows], verbalizer.index))  # [b, C, W] -> [b, C]
         return verbalizer(logits[rows].float())
-
-    def vocab_logits(self, batch: Sequence[Row]) -> torch.Tensor:
-        """Float32 logits [B, V] of the whole vocabulary at each row's label position (caller's grad mode)."""
-        import torch
-
-        hidden, logits = self.label_states(batch)
-        if hidden is None:
-            return logits.float()
-        return self.head.logits(hidden, torch.arange(self.head.module.weight.shape[0], device=hidden.device))
 
     def label_states(self, batch: Sequence[Row]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One forward pass (one path per batch) under the caller's grad mode: the hidden states [B, H] at the
