@@ -122,3 +122,15 @@ def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path, monkeypatch):
         monkeypatch.setattr(loading, "cpu_native_bf16", lambda native=native: native)
         assert pick_dtype("auto", torch.device("cpu")) == expected
     assert pick_dtype("float32", torch.device("cpu")) == torch.float32
+
+
+def test_one_overflow_check_for_a_population_names_the_first_bad_prompt():
+    from lmaas_runtime.rows import first_overflow
+
+    fine = RowPrompt(2, soft=_soft(2, 7).to(torch.bfloat16))
+    empty = RowPrompt(0)
+    bad = RowPrompt(2, deep={1: torch.tensor([[1.0, float("inf")], [0.0, 0.0]])})
+    nan = RowPrompt(1, offset=torch.tensor([[float("nan"), 0.0]]))
+    assert first_overflow([fine, empty, bad, nan]) == 2
+    assert first_overflow([nan, bad]) == 0
+    assert first_overflow([fine, empty]) is None and first_overflow([empty]) is None
