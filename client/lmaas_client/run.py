@@ -169,7 +169,14 @@ class Run:
             return finished  # a completed run resumed: nothing to do, nothing to pay
         self.scorer = TaskScorer(self.client, self.task, config.placement)
         self.data = load_task_data(self.task, config.seed, config.data_dir, config.test_size)
-        self.selection = DevSelection(self.scorer, self.data.dev, config.eval_every)
+        self.selection = DevSelection(
+            self.scorer,
+            self.data.dev,
+            config.eval_every,
+            getattr(self.tuner.config, "select", "dev"),
+            len(self.data.train),
+            self.tuner.config.loss,
+        )
         if self.resumed:
             self.state = self._load_checkpoint()
         self.state.run_id = self.state.run_id or uuid.uuid4().hex  # saved with the first checkpoint
@@ -284,7 +291,7 @@ class Run:
             final = test_now or state.calls + per_candidate > config.budget
             best_calibration = Calibration.from_json(state.best_calibration) if state.best_calibration else None
             self.selection.maybe_evaluate(tuner.best, state.calls, final=final, calibration=best_calibration,
-                                          key=self._key(f"dev{state.calls}"))  # fmt: skip
+                                          key=self._key(f"dev{state.calls}"), train_loss=tuner.best_loss)  # fmt: skip
             point = {"calls": state.calls, "best_train_loss": tuner.best_loss, "dev_score": self.selection.best_score}
             if test_now:
                 pending_tests = [p for p in pending_tests if p > state.calls]

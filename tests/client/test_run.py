@@ -63,3 +63,16 @@ def test_resume_continues_as_an_uninterrupted_run(live_server, tmp_path):
 def test_resume_without_a_run_folder_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         Run.resume(tmp_path)
+
+
+def test_the_select_option_reaches_the_run_train_selection_spends_no_dev_calls(live_server, tmp_path):
+    results = {}
+    with live_server("llama", budget=1000) as server, LMaaSClient(server.url) as client:
+        for mode in ("dev", "train"):
+            base = config(9)
+            chosen = RunConfig(**{**base.__dict__, "options": {**base.options, "select": mode}})
+            results[mode] = Run.create(tmp_path / mode, chosen, client).tune()
+    # the same search either way; "dev" pays 3 dev evaluations on top of the manual and final test scorings
+    assert results["dev"].best_train_loss == results["train"].best_train_loss
+    assert results["dev"].eval_calls - results["train"].eval_calls == 3
+    assert results["train"].best_dev_acc is None
