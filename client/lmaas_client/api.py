@@ -21,7 +21,7 @@ from typing import Any
 from lmaas_client.client import LMaaSClient
 from lmaas_client.predict import Predictor
 from lmaas_client.run import Run, RunConfig
-from lmaas_client.tasks import Placement
+from lmaas_client.tasks import PlacementChoice
 
 __all__ = ["load_prompt", "tune"]
 
@@ -33,7 +33,7 @@ def tune(
     budget: int,
     seed: int = 42,
     out: str | Path | None = None,
-    placement: Placement = "prefix",
+    placement: PlacementChoice = "auto",
     eval_every: int = 100,
     test_size: Any = None,
     test_at: Sequence[int] = (),

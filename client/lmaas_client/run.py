@@ -38,7 +38,7 @@ from lmaas_client.prompt_io import save_prompt
 from lmaas_client.prompts import PromptCandidate
 from lmaas_client.results import Progress, RunResult, RunState
 from lmaas_client.selection import DevSelection
-from lmaas_client.tasks import Placement, TaskSpec
+from lmaas_client.tasks import PlacementChoice, TaskSpec
 from lmaas_client.tasks.data import TaskData, TestSize, load_task_data
 from lmaas_client.tasks.files import resolve_task, save_task_file
 from lmaas_client.tuners import make_tuner
@@ -59,7 +59,7 @@ class RunConfig:
     method: str
     budget: int  # calls on the training set
     seed: int
-    placement: Placement = "prefix"
+    placement: PlacementChoice = "auto"  # auto: suffix on causal LMs, prefix on masked ones (Run resolves it)
     eval_every: int = 100  # calls between dev evaluations of the best-so-far prompt (BBT: 100)
     test_size: TestSize = None  # None: the task's quick subsample (full for small sets); "full"; or N examples
     data_dir: str | None = None
@@ -81,6 +81,8 @@ class Run:
     def __init__(self, config: RunConfig, client: LMaaSClient, task: TaskSpec, tuner: Tuner,
                  folder: str | Path | None = None, *, server: str | None = None, resumed: bool = False,
                  owns_client: bool = False):  # fmt: skip
+        if config.placement == "auto":  # resolved once; run.json keeps the placement actually used
+            config = replace(config, placement=task.auto_placement(client.model_info().family))
         self.config, self.client, self.task, self.tuner = config, client, task, tuner
         self.folder = None if folder is None else Path(folder)
         self.server = server or client.base_url

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -44,7 +45,8 @@ def test_create_tune_writes_every_file_and_exposes_result_and_prompt(live_server
     saved, meta = load_prompt(folder / "prompt.npz")
     assert meta["method"] == "bbt" and meta["seed"] == 42
     np.testing.assert_array_equal(saved.soft, run.best_prompt.soft)  # self-contained: A z computed here
-    assert Run.read_settings(folder) == (config(), server.url)
+    # run.json keeps the placement "auto" resolved to (suffix: the tiny llama is a causal LM)
+    assert Run.read_settings(folder) == (replace(config(), placement="suffix"), server.url)
 
 
 def test_resume_continues_as_an_uninterrupted_run(live_server, tmp_path):

@@ -74,7 +74,8 @@ def test_run_tuning_end_to_end(live_server, kind, tmp_path):
     # the server charged every call: train calls + manual-prompt test + dev evaluations + final test
     assert budget.used == result.calls_used + result.eval_calls
     assert result.eval_calls >= 3  # manual test, at least one dev evaluation, final test
-    assert result.config["popsize"] == 3 and result.config["placement"] == "prefix"
+    assert result.config["popsize"] == 3
+    assert result.config["placement"] == ("suffix" if kind == "llama" else "prefix")  # auto: by the served family
 
     candidate, meta = load_prompt(tmp_path / "prompt.npz")
     assert candidate.soft.shape == (2, 32) and candidate.token_ids is not None and len(candidate.token_ids) == 2
