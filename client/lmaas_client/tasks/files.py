@@ -59,7 +59,6 @@ Reading the example files: `readers`; label words and templates per family: `tem
 from __future__ import annotations
 
 import json
-import re
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,26 +67,15 @@ from typing import Any
 from lmaas_client.tasks.file_lines import key_line
 from lmaas_client.tasks.readers import FORMATS, Column, FileSplits, decode_text
 from lmaas_client.tasks.registry import TASKS, get_task
-from lmaas_client.tasks.spec import METRICS, TaskError, TaskSpec
-from lmaas_client.tasks.templates import LabelWordsArg, TemplatesArg, label_words_by_family, templates_by_family
-from lmaas_protocol.schemas import MAX_CLASSES
+from lmaas_client.tasks.settings import SettingError, check_seeds, is_index, task_parts
+from lmaas_client.tasks.spec import TaskError, TaskSpec
+from lmaas_client.tasks.templates import LabelWordsArg, TemplatesArg
 
 TASK_FILE_SUFFIXES = (".toml", ".json")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 # ----------------------------------------------------------------------------------------- building a task
 
 
-class SettingError(TaskError):
-    """A bad setting (not a bad data file): `key` names it, so a task file's error can point at its line."""
-
-    def __init__(self, where: str, key: str, detail: str):
-        super().__init__(f"{where}: {detail}")
-        self.key = key
-        self.detail = detail
-
-
-# Over 60 lines: one check per setting, each raising an error that names the setting; no logic to split.
 def user_task(
     name: str,
     *,
@@ -122,54 +110,28 @@ def user_task(
     def bad(key: str, detail: str) -> SettingError:
         return SettingError(where, key, detail)
 
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise bad("name", f"task name {name!r} must be 1-64 letters, digits, '-', '_' or '.'")
-    if name in TASKS:
-        raise bad("name", f"task name {name!r} is a shipped task's; give your task another name")
-    names = _strings(label_names, "label_names", bad)
-    if not 2 <= len(names) <= MAX_CLASSES:
-        raise bad("label_names", f"label_names needs 2 to {MAX_CLASSES} classes, got {len(names)}: {names}")
-    if len(set(names)) != len(names):
-        raise bad("label_names", f"label_names repeat a name: {names}")
-    values = None
-    if label_values is not None:
-        values = _strings(label_values, "label_values", bad)
-        if len(values) != len(names) or len(set(values)) != len(values):
-            raise bad("label_values", f"label_values must give one distinct value per class ({len(names)}, in "
-                                      f"label_names order), got {values}")  # fmt: skip
-    if metric not in METRICS:
-        raise bad("metric", f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
-    if metric == "f1" and len(names) != 2:
-        raise bad("metric", f"metric f1 needs exactly 2 classes (it is the F1 of the second, {names[-1]!r})")
+    parts = task_parts(name, label_names, label_values, templates, label_words, text_b is not None, metric,
+                       quick_test_size, bad)  # fmt: skip
     if format is not None and format not in FORMATS:
         raise bad("files.format", f"unknown format {format!r}; use one of {', '.join(FORMATS)}")
     if not isinstance(header, bool):
         raise bad("files.header", f"header must be true or false, got {header!r}")
-    if quick_test_size is not None and not _positive_int(quick_test_size):
-        raise bad("quick_test_size", f"quick_test_size must be a positive integer, got {quick_test_size!r}")
-
-    text_fields = ("text_a",) if text_b is None else ("text_a", "text_b")
     columns: dict[str, Column] = {"text_a": text_a, "label": label}
     if text_b is not None:
         columns["text_b"] = text_b
     for role, column in columns.items():
         if header and not (isinstance(column, str) and column.strip()):
             raise bad(f"columns.{role}", f"column {role} must be a column name, got {column!r}")
-        if not header and not _index(column):
+        if not header and not is_index(column):
             raise bad(
                 f"columns.{role}", f"column {role} must be a 0-based column index (header = false), got {column!r}"
             )
-
-    words = label_words_by_family(label_words, len(names), bad)
-    spec_templates = templates_by_family(templates, words, text_fields, bad)
 
     paths = {"train": str(train), "dev": str(dev), "test": str(test)}
     if "{seed}" in paths["test"]:
         raise bad("files.test", "the test file must not depend on {seed} (one test set for every run)")
     seeded = "{seed}" in paths["train"] or "{seed}" in paths["dev"]
-    if seeds is not None and (isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence)
-                              or not all(_index(s) for s in seeds)):  # fmt: skip
-        raise bad("seeds", f"seeds must be a list of integers, got {seeds!r}")
+    check_seeds(seeds, bad)
     if seeded and not seeds:
         raise bad("files", "train/dev paths contain {seed}: list the seeds (e.g. seeds = [13, 21, 42, 87, 100])")
     if seeds and not seeded:
@@ -181,25 +143,12 @@ def user_task(
         format=format,
         header=header,
         columns=columns,
-        label_names=names,
-        label_values=values,
+        label_names=parts.names,
+        label_values=parts.values,
         seeds=tuple(seeds or ()),
     )
     loader.check_all()
-    return TaskSpec(
-        name=name,
-        label_names=tuple(names),
-        templates=spec_templates,
-        label_words=words,
-        metric=metric,  # type: ignore[arg-type]
-        text_fields=text_fields,
-        description=description,
-        seeds=tuple(seeds or ()),
-        quick_test_size=quick_test_size,
-        instruction=instruction,
-        loader=loader,
-        source=source,
-    )
+    return parts.spec(name, loader, metric, description, quick_test_size, seeds, instruction, source)
 
 
 TOP_KEYS = {"name", "description", "instruction", "metric", "label_names", "label_values", "quick_test_size", "seeds", "files",
@@ -346,22 +295,6 @@ def resolve_task(value: str | Path) -> TaskSpec:
 
 
 # ----------------------------------------------------------------------------------------- settings
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _index(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _strings(values: Any, key: str, bad) -> list[str]:
-    if isinstance(values, str) or not isinstance(values, Sequence) or not all(isinstance(v, str) for v in values):
-        raise bad(key, f"{key} must be a list of strings, got {values!r}")
-    if not all(v.strip() for v in values):
-        raise bad(key, f"{key} must not contain empty strings: {list(values)}")
-    return list(values)
 
 
 def _no_unknown(mapping: dict[str, Any], allowed: set[str], scope: str, at) -> None:
