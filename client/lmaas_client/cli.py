@@ -24,6 +24,7 @@ from lmaas_client.run import Run, RunConfig
 from lmaas_client.tasks import TASKS, TaskError, TaskSpec
 from lmaas_client.tasks.data import load_split, load_test
 from lmaas_client.tasks.files import is_task_file, resolve_task, user_task
+from lmaas_client.tasks.hf import DEFAULT_SHOTS, HF_PREFIX, hf_task, parse_hf_task
 from lmaas_client.tasks.readers import read_rows
 from lmaas_client.tuners import TUNERS
 
@@ -83,7 +84,9 @@ def tune(
     task: Annotated[
         str,
         typer.Option(
-            help=f"A shipped task ({', '.join(sorted(TASKS))}), a task file (.toml, .json), or your own task's name with --train etc."
+            help=f"A shipped task ({', '.join(sorted(TASKS))}), a task file (.toml, .json), a Hugging Face dataset "
+            "(hf:NAME[:CONFIG] or hf:FOLDER saved with save_to_disk; the `hf` extra), or your own task's name with "
+            "--train etc."
         ),
     ] = "sst2",
     method: Annotated[str, typer.Option(help=f"Tuning method: {', '.join(sorted(TUNERS))}.")] = "bbt",
@@ -123,6 +126,10 @@ def tune(
         Optional[str], UserTask("Your own task: template with {text_a} and {mask} ('\\n' = newline).")
     ] = None,
     metric: Annotated[str, UserTask("Your own task: accuracy or f1.")] = "accuracy",
+    hf_train_split: Annotated[str, HFTask("Split the few-shot train and dev examples are drawn from.")] = "train",
+    hf_test_split: Annotated[str, HFTask("Split scored as the test set.")] = "test",
+    hf_shots: Annotated[int, HFTask("Examples per class in train, and again in dev.", min=1)] = DEFAULT_SHOTS,
+    hf_revision: Annotated[Optional[str], HFTask("Dataset revision on the Hub (a tag or commit).")] = None,
 ) -> None:
     """Tune a prompt for a task with a black-box method, under a call budget (resumable)."""
     if resume:
@@ -137,8 +144,14 @@ def tune(
         if placement not in ("prefix", "suffix"):
             raise typer.BadParameter("must be prefix or suffix", param_hint="--placement")
         with _errors():
+            hf = {
+                "train_split": hf_train_split,
+                "test_split": hf_test_split,
+                "shots": hf_shots,
+                "revision": hf_revision,
+            }
             user_spec = _user_task(task, train, dev, test, text_a, text_b, label_column, label_name, label_word,
-                                   template, metric)  # fmt: skip
+                                   template, metric, hf)  # fmt: skip
         if user_spec is not None:
             task = user_spec.name  # Run.create saves it as task.json and names that file
         elif is_task_file(task):
@@ -231,9 +244,25 @@ def UserTask(help: str):
     return typer.Option(help=help, rich_help_panel="Your own task (instead of a shipped one or a task file)")
 
 
+def HFTask(help: str, **options):
+    return typer.Option(help=help, rich_help_panel="A Hugging Face dataset (--task hf:NAME[:CONFIG] or hf:FOLDER)",
+                        **options)  # fmt: skip
+
+
 def _user_task(task: str, train, dev, test, text_a, text_b, label_column, label_names, label_words, template,
-               metric) -> TaskSpec | None:  # fmt: skip
+               metric, hf: dict[str, Any]) -> TaskSpec | None:  # fmt: skip
     """The task given by flags (the run saves it as task.json), or None for a shipped task or a task file."""
+    if task.startswith(HF_PREFIX):
+        if any(v is not None for v in (train, dev, test)):
+            raise TaskError(
+                "a dataset task (--task hf:...) draws its examples from the dataset: drop --train/--dev/--test"
+            )
+        if not label_words or not template:
+            raise TaskError("a dataset task (--task hf:...) also needs --label-word (one per class) and --template")
+        name, ref = parse_hf_task(task)
+        return hf_task(name, dataset=ref.name, path=ref.path, config=ref.config, label_words=label_words,
+                       templates=template.replace("\\n", "\n"), text_a=text_a, text_b=text_b, label=label_column,
+                       label_names=label_names, metric=metric, source="flags", **hf)  # fmt: skip
     if train is None:
         if any(v is not None for v in (dev, test, label_names, label_words, template)):
             raise TaskError(

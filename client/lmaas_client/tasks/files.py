@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from lmaas_client.tasks.file_lines import key_line
+from lmaas_client.tasks.hf import DATASET_KEYS, DEFAULT_SHOTS, DatasetSplits, hf_task
 from lmaas_client.tasks.readers import FORMATS, Column, FileSplits, decode_text
 from lmaas_client.tasks.registry import TASKS, get_task
 from lmaas_client.tasks.settings import SettingError, check_seeds, is_index, task_parts
@@ -152,15 +153,72 @@ def user_task(
 
 
 TOP_KEYS = {"name", "description", "instruction", "metric", "label_names", "label_values", "quick_test_size", "seeds", "files",
-            "columns", "label_words", "templates"}  # fmt: skip
+            "dataset", "columns", "label_words", "templates"}  # fmt: skip
 FILE_KEYS = {"train", "dev", "test", "format", "header"}
 COLUMN_KEYS = {"text_a", "text_b", "label"}
 
 
-# Over 60 lines: maps each key of the file to user_task with errors pointing at the key's line.
+# Over 60 lines: maps each key of the file to user_task (or hf_task) with errors pointing at the key's line.
 def load_task_file(path: str | Path) -> TaskSpec:
     """A user task from a TOML or JSON task file (see the module docstring); files are relative to it."""
     path = Path(path)
+    config, text = _read_task_file(path)
+
+    def at(key: str) -> str:
+        return f"{path}:{line}" if (line := key_line(text, key)) else str(path)
+
+    def table(key: str, allowed: set[str]) -> dict[str, Any]:
+        value = config.get(key)
+        if value is None:
+            raise TaskError(f"{path}: missing the [{key}] table (keys: {', '.join(sorted(allowed))})")
+        if not isinstance(value, dict):
+            raise TaskError(f"{at(key)}: '{key}' must be a table (TOML [{key}], JSON object)")
+        _no_unknown(value, allowed, f"[{key}]", lambda name: at(f"{key}.{name}"))
+        return value
+
+    _no_unknown(config, TOP_KEYS, "the task file", at)
+    from_dataset = "dataset" in config
+    if from_dataset and "files" in config:
+        raise TaskError(f"{at('dataset')}: a task reads [files] or a [dataset], not both")
+    for key in ("name", "label_words", "templates") + (() if from_dataset else ("label_names",)):
+        if key not in config:
+            raise TaskError(f"{path}: missing '{key}' (required: name, label_names (optional for a [dataset] with a "
+                            f"ClassLabel column), [files] or [dataset], [columns], label_words, templates)")  # fmt: skip
+    columns = table("columns", COLUMN_KEYS)
+    for key in ("text_a", "label"):
+        if key not in columns:
+            raise TaskError(f"{at('columns')}: [columns] needs '{key}'")
+    for key in ("description", "metric", "instruction"):
+        if key in config and not isinstance(config[key], str):
+            raise TaskError(f"{at(key)}: '{key}' must be a string")
+    common = dict(text_a=columns["text_a"], text_b=columns.get("text_b"), label=columns["label"],
+                  label_names=config.get("label_names"), label_values=config.get("label_values"),
+                  templates=config["templates"], label_words=config["label_words"],
+                  metric=config.get("metric", "accuracy"), description=config.get("description", ""),
+                  quick_test_size=config.get("quick_test_size"), instruction=config.get("instruction"),
+                  base_dir=path.resolve().parent, source=str(path))  # fmt: skip
+    try:
+        if from_dataset:
+            if "seeds" in config:
+                raise TaskError(f"{at('seeds')}: a [dataset] task draws its few-shot split for any seed; drop 'seeds'")
+            dataset = table("dataset", DATASET_KEYS)
+            return hf_task(config["name"], dataset=dataset.get("name"), path=dataset.get("path"),
+                           config=dataset.get("config"), revision=dataset.get("revision"),
+                           train_split=dataset.get("train", "train"), test_split=dataset.get("test", "test"),
+                           shots=dataset.get("shots", DEFAULT_SHOTS), **common)  # fmt: skip
+        files = table("files", FILE_KEYS)
+        for key in ("train", "dev", "test"):
+            if not isinstance(files.get(key), str):
+                raise TaskError(f"{at('files')}: [files] needs '{key}' (a path relative to the task file)")
+        return user_task(config["name"], train=files["train"], dev=files["dev"], test=files["test"],
+                         format=files.get("format"), header=files.get("header", True), seeds=config.get("seeds"),
+                         **common)  # fmt: skip
+    except SettingError as exc:
+        raise TaskError(f"{at(exc.key)}: {exc.detail}") from None
+
+
+def _read_task_file(path: Path) -> tuple[Any, str]:
+    """The parsed settings of a TOML or JSON task file, and its text (to point errors at lines)."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -181,60 +239,7 @@ def load_task_file(path: str | Path) -> TaskSpec:
         raise TaskError(f"{path}: a task file ends in .toml or .json")
     if not isinstance(config, dict):
         raise TaskError(f"{path}: the task file must hold a table (JSON: an object) of settings")
-
-    def at(key: str) -> str:
-        return f"{path}:{line}" if (line := key_line(text, key)) else str(path)
-
-    def table(key: str, allowed: set[str]) -> dict[str, Any]:
-        value = config.get(key)
-        if value is None:
-            raise TaskError(f"{path}: missing the [{key}] table (keys: {', '.join(sorted(allowed))})")
-        if not isinstance(value, dict):
-            raise TaskError(f"{at(key)}: '{key}' must be a table (TOML [{key}], JSON object)")
-        _no_unknown(value, allowed, f"[{key}]", lambda name: at(f"{key}.{name}"))
-        return value
-
-    _no_unknown(config, TOP_KEYS, "the task file", at)
-    for key in ("name", "label_names", "label_words", "templates"):
-        if key not in config:
-            raise TaskError(f"{path}: missing '{key}' (required: name, label_names, [files], [columns], "
-                            f"label_words, templates)")  # fmt: skip
-    files = table("files", FILE_KEYS)
-    columns = table("columns", COLUMN_KEYS)
-    for key in ("train", "dev", "test"):
-        if not isinstance(files.get(key), str):
-            raise TaskError(f"{at('files')}: [files] needs '{key}' (a path relative to the task file)")
-    for key in ("text_a", "label"):
-        if key not in columns:
-            raise TaskError(f"{at('columns')}: [columns] needs '{key}'")
-    for key in ("description", "metric", "instruction"):
-        if key in config and not isinstance(config[key], str):
-            raise TaskError(f"{at(key)}: '{key}' must be a string")
-    try:
-        return user_task(
-            config["name"],
-            train=files["train"],
-            dev=files["dev"],
-            test=files["test"],
-            format=files.get("format"),
-            header=files.get("header", True),
-            text_a=columns["text_a"],
-            text_b=columns.get("text_b"),
-            label=columns["label"],
-            label_names=config["label_names"],
-            label_values=config.get("label_values"),
-            templates=config["templates"],
-            label_words=config["label_words"],
-            metric=config.get("metric", "accuracy"),
-            description=config.get("description", ""),
-            quick_test_size=config.get("quick_test_size"),
-            seeds=config.get("seeds"),
-            instruction=config.get("instruction"),
-            base_dir=path.resolve().parent,
-            source=str(path),
-        )
-    except SettingError as exc:
-        raise TaskError(f"{at(exc.key)}: {exc.detail}") from None
+    return config, text
 
 
 def task_file_settings(task: TaskSpec) -> dict[str, Any]:
@@ -244,22 +249,26 @@ def task_file_settings(task: TaskSpec) -> dict[str, Any]:
     resumed or re-scored later with `load_task_file`, exactly as it was.
     """
     loader = task.loader
-    if not isinstance(loader, FileSplits):
-        raise TaskError(f"task {task.name} is not a user task read from files")
+    if isinstance(loader, DatasetSplits):
+        source = loader.settings()
+    elif isinstance(loader, FileSplits):
+        files = {split: str(loader.base.resolve() / path) for split, path in loader.paths.items()}
+        source = {"files": files | {"header": loader.header} | ({"format": loader.format} if loader.format else {}),
+                  "columns": dict(loader.columns)}  # fmt: skip
+    else:
+        raise TaskError(f"task {task.name} is not a user task read from files or a dataset")
     settings: dict[str, Any] = {
         "name": task.name,
         "description": task.description,
         "metric": task.metric,
         "label_names": list(task.label_names),
-        "files": {split: str(loader.base.resolve() / path) for split, path in loader.paths.items()}
-        | {"header": loader.header}
-        | ({"format": loader.format} if loader.format else {}),
-        "columns": dict(loader.columns),
+        **source,
         "label_words": {family: list(words) for family, words in task.label_words.items()},
         "templates": {family: dict(by_placement) for family, by_placement in task.templates.items()},
     }
-    if loader.label_values is not None:
-        settings["label_values"] = list(loader.label_values)
+    values = loader.labels.values if isinstance(loader, DatasetSplits) else loader.label_values  # type: ignore[union-attr]
+    if values is not None:
+        settings["label_values"] = list(values)
     if task.quick_test_size is not None:
         settings["quick_test_size"] = task.quick_test_size
     if task.instruction:
