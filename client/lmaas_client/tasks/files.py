@@ -53,7 +53,16 @@ Sentiment:{mask}``), or right after the last text slot when no line break follow
 families is used for causal LMs only when it ends with {mask}. Label words should carry their leading
 space (" great"); the verbalizer uses each word's first sub-token.
 
-Reading the example files: `readers`; label words and templates per family: `templates`.
+A Hugging Face dataset instead of files: a ``[dataset]`` table in place of ``[files]`` (no ``seeds``;
+``label_names`` optional when the label column is a ClassLabel)::
+
+    [dataset]
+    name = "fancyzhx/yelp_polarity"     # a Hub dataset; or path = "saved/" (save_to_disk, relative to this file)
+    config = "plain_text"               # optional, and so are: revision, train = "train", test = "test"
+    shots = 16                          # examples per class drawn for train, and again for dev, per seed
+
+Reading the example files: `readers`; datasets: `hf`; the shared settings: `settings`; label words and
+templates per family: `templates`.
 """
 
 from __future__ import annotations

@@ -215,3 +215,14 @@ def test_cli_tunes_on_a_saved_dataset_and_the_run_folder_keeps_the_task(live_ser
     task = json.loads((out / "task.json").read_text())
     assert task["name"] == "hf-reviews" and task["dataset"]["shots"] == 2 and task["label_names"] == NAMES
     assert json.loads((out / "result.json").read_text())["test_size"] == 9
+
+
+def test_the_python_api_tunes_a_dataset_task_given_once(live_server, folder, tmp_path):
+    from lmaas_client import hf_task as exported
+    from lmaas_client import tune
+
+    spec = exported("reviews", path=folder, shots=2, text_a="text", **SETTINGS)
+    with live_server("llama") as server:
+        run = tune(spec, method="manual", budget=1, seed=21, out=tmp_path / "run", server=server.url)
+    assert run.result.task == "reviews" and run.result.test_size == 9
+    assert json.loads((tmp_path / "run" / "task.json").read_text())["dataset"]["path"] == str(folder.resolve())
