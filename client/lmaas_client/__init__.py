@@ -16,6 +16,8 @@ from lmaas_client.errors import (
     RateLimitedError,
     ServerError,
 )
+from lmaas_client.peft_export import export_peft
+from lmaas_client.tasks.hf import hf_task
 
 __version__ = "0.1.0"
 
@@ -35,6 +37,8 @@ __all__ = [
     "RateLimitedError",
     "ServerError",
     "__version__",
+    "export_peft",
+    "hf_task",
     "load_prompt",
     "tune",
 ]

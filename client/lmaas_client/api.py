@@ -21,13 +21,13 @@ from typing import Any
 from lmaas_client.client import LMaaSClient
 from lmaas_client.predict import Predictor
 from lmaas_client.run import Run, RunConfig
-from lmaas_client.tasks import PlacementChoice
+from lmaas_client.tasks import PlacementChoice, TaskSpec
 
 __all__ = ["load_prompt", "tune"]
 
 
 def tune(
-    task: str,
+    task: str | TaskSpec,
     method: str = "bbt",
     *,
     budget: int,
@@ -43,25 +43,27 @@ def tune(
     api_key: str | None = None,
     **options: Any,
 ) -> Run:
-    """Tune a prompt for `task` (a shipped task's name or a task file) and return the finished `Run`.
+    """Tune a prompt for `task` (a shipped task's name, a task file, or a user task built in code such as
+    `hf_task(...)`) and return the finished `Run`.
 
     `options` are the method's settings (`popsize=10`, `calibrate=True`, ...); `seed` seeds the few-shot
     split, the projection and the optimizer alike. With `out`, the run folder is written as `lmaas tune` writes
     it (and `Run.resume(out)` continues it); without, nothing is written.
     """
-    config = RunConfig(task, method, budget, seed, placement, eval_every, test_size,
+    spec = task if isinstance(task, TaskSpec) else None  # saved as task.json in `out`, which the run then names
+    config = RunConfig(spec.name if spec else task, method, budget, seed, placement, eval_every, test_size,
                        None if data_dir is None else str(data_dir), {**options, "seed": seed}, list(test_at))  # fmt: skip
     owned = client is None
     client = client or LMaaSClient(server, api_key=api_key)
     try:
         if out is not None:
-            run = Run.create(out, config, client)
+            run = Run.create(out, config, client, task=spec)
         else:
             from lmaas_client.tasks.files import resolve_task
             from lmaas_client.tuners import make_tuner
 
             tuner = make_tuner(method, client.model_info(), **config.options)
-            run = Run(config, client, resolve_task(task), tuner)
+            run = Run(config, client, spec or resolve_task(task), tuner)
         run.tune()
         return run
     finally:

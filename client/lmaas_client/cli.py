@@ -14,16 +14,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lmaas_client.calibration import Calibration
+from lmaas_client.cli_tasks import HFTask, UserTask, user_task_from_flags
 from lmaas_client.client import DEFAULT_BASE_URL, LMaaSClient
 from lmaas_client.errors import BudgetExhaustedError, LMaaSError
 from lmaas_client.evaluation import TaskScorer
+from lmaas_client.local_model import LocalModelError
+from lmaas_client.peft_export import SIDECAR, export_peft
 from lmaas_client.predict import OutputFile, Predictor, predict_file
 from lmaas_client.prompt_io import load_prompt
 from lmaas_client.results import Progress as RunProgress
 from lmaas_client.run import Run, RunConfig
-from lmaas_client.tasks import TASKS, TaskError, TaskSpec
+from lmaas_client.tasks import TASKS, TaskError
 from lmaas_client.tasks.data import load_split, load_test
-from lmaas_client.tasks.files import is_task_file, resolve_task, user_task
+from lmaas_client.tasks.files import is_task_file, resolve_task
+from lmaas_client.tasks.hf import DEFAULT_SHOTS
 from lmaas_client.tasks.readers import read_rows
 from lmaas_client.tuners import TUNERS
 
@@ -83,7 +87,9 @@ def tune(
     task: Annotated[
         str,
         typer.Option(
-            help=f"A shipped task ({', '.join(sorted(TASKS))}), a task file (.toml, .json), or your own task's name with --train etc."
+            help=f"A shipped task ({', '.join(sorted(TASKS))}), a task file (.toml, .json), a Hugging Face dataset "
+            "(hf:NAME[:CONFIG] or hf:FOLDER saved with save_to_disk; the `hf` extra), or your own task's name with "
+            "--train etc."
         ),
     ] = "sst2",
     method: Annotated[str, typer.Option(help=f"Tuning method: {', '.join(sorted(TUNERS))}.")] = "bbt",
@@ -130,6 +136,10 @@ def tune(
         Optional[str], UserTask("Your own task: template with {text_a} and {mask} ('\\n' = newline).")
     ] = None,
     metric: Annotated[str, UserTask("Your own task: accuracy or f1.")] = "accuracy",
+    hf_train_split: Annotated[str, HFTask("Split the few-shot train and dev examples are drawn from.")] = "train",
+    hf_test_split: Annotated[str, HFTask("Split scored as the test set.")] = "test",
+    hf_shots: Annotated[int, HFTask("Examples per class in train, and again in dev.", min=1)] = DEFAULT_SHOTS,
+    hf_revision: Annotated[Optional[str], HFTask("Dataset revision on the Hub (a tag or commit).")] = None,
 ) -> None:
     """Tune a prompt for a task with a black-box method, under a call budget (resumable)."""
     if resume:
@@ -144,8 +154,14 @@ def tune(
         if placement not in ("auto", "prefix", "suffix"):
             raise typer.BadParameter("must be auto, prefix or suffix", param_hint="--placement")
         with _errors():
-            user_spec = _user_task(task, train, dev, test, text_a, text_b, label_column, label_name, label_word,
-                                   template, metric)  # fmt: skip
+            hf = {
+                "train_split": hf_train_split,
+                "test_split": hf_test_split,
+                "shots": hf_shots,
+                "revision": hf_revision,
+            }
+            user_spec = user_task_from_flags(task, train, dev, test, text_a, text_b, label_column, label_name, label_word,
+                                   template, metric, hf)  # fmt: skip
         if user_spec is not None:
             task = user_spec.name  # Run.create saves it as task.json and names that file
         elif is_task_file(task):
@@ -234,28 +250,23 @@ def predict(
     console.print(f"{summary.rows} rows classified into {out} ({summary.calls} calls{accuracy})")
 
 
-def UserTask(help: str):
-    return typer.Option(help=help, rich_help_panel="Your own task (instead of a shipped one or a task file)")
-
-
-def _user_task(task: str, train, dev, test, text_a, text_b, label_column, label_names, label_words, template,
-               metric) -> TaskSpec | None:  # fmt: skip
-    """The task given by flags (the run saves it as task.json), or None for a shipped task or a task file."""
-    if train is None:
-        if any(v is not None for v in (dev, test, label_names, label_words, template)):
-            raise TaskError(
-                "your own task needs --train, --dev and --test (and --label-name, --label-word, --template)"
-            )
-        if not is_task_file(task):
-            resolve_task(task)  # an unknown name fails here, before any call
-        return None
-    missing = [flag for flag, value in (("--dev", dev), ("--test", test), ("--label-name", label_names),
-                                        ("--label-word", label_words), ("--template", template)) if not value]  # fmt: skip
-    if missing:
-        raise TaskError(f"your own task also needs {', '.join(missing)}")
-    return user_task(task, train=train, dev=dev, test=test, label_names=label_names, label_words=label_words,
-                     templates=template.replace("\\n", "\n"), text_a=text_a, text_b=text_b, label=label_column,
-                     metric=metric, base_dir=Path.cwd(), source="flags")  # fmt: skip
+@app.command("export-peft")
+def export_peft_adapter(
+    prompt: Annotated[Path, typer.Argument(help="A prompt.npz written by `lmaas tune` (prefix placement).")],
+    out: Annotated[
+        Path, typer.Option(help=f"Adapter folder: adapter_config.json, adapter_model.safetensors, {SIDECAR}.")
+    ],
+    base_model: Annotated[
+        str, typer.Option(help="The model the prompt was tuned on: hub id or folder, as PEFT loads it.")
+    ],
+    device: Annotated[str, typer.Option(help="Device to load the base model on (its embeddings are read).")] = "cpu",
+) -> None:
+    """Export a prefix prompt as a PEFT prompt-tuning adapter: PeftModel.from_pretrained(base, OUT) (the peft extra)."""
+    with _errors():
+        exported = export_peft(prompt, out, base_model, device=device)
+    console.print(f"wrote a PEFT prompt-tuning adapter ({exported.virtual_tokens} virtual tokens) into {out}")
+    for note in exported.notes():
+        console.print(f"note: {note}")
 
 
 def _test_size(value: str | None) -> int | str | None:
@@ -302,7 +313,9 @@ class _errors:
         if isinstance(exc, BudgetExhaustedError):
             console.print(f"[red]budget exhausted:[/] {exc}")
             raise typer.Exit(EXIT_BUDGET)
-        if isinstance(exc, (LMaaSError, TaskError, ValidationError, ValueError, OSError, pickle.UnpicklingError)):
+        if isinstance(
+            exc, (LMaaSError, TaskError, ValidationError, ValueError, OSError, pickle.UnpicklingError, LocalModelError)
+        ):
             console.print(f"[red]error:[/] {_describe(exc)}")
             raise typer.Exit(EXIT_ERROR)
         return False

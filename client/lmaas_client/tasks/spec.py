@@ -62,7 +62,8 @@ class TaskSpec:
     metric: Metric = "accuracy"  # "f1": F1 of class 1, the positive class (MRPC: "equivalent")
     text_fields: tuple[str, ...] = ("text_a",)
     description: str = ""
-    # Few-shot splits (16-<seed>); empty: one fixed split whatever the seed (user tasks without {seed})
+    # Few-shot splits (16-<seed>); empty: one fixed split whatever the seed (user tasks without {seed}), or a
+    # split drawn for any seed (tasks from a Hugging Face dataset)
     seeds: tuple[int, ...] = field(default=SHIPPED_SEEDS)
     # Test examples scored by default: a fixed stratified subsample of this size (data.QUICK_TEST_SEED,
     # the same for every run and method); None: the full test set. The full set stays selectable.
