@@ -54,6 +54,13 @@ class Settings(BaseSettings):
         4_000_000, ge=1, description="Tokens of rendered examples x candidates in one request."
     )
     request_timeout_s: float = Field(300.0, gt=0, description="Longest an evaluation may run; then 504, not charged.")
+    max_classify_texts: int = Field(
+        256, ge=1, le=schemas.MAX_EXAMPLES, description="Texts per POST /v1/classify (each charged one call)."
+    )
+    max_classify_chars: int = Field(
+        8192, ge=1, le=schemas.MAX_TEXT_CHARS, description="Characters per text of POST /v1/classify."
+    )
+    max_prompts_per_key: int = Field(100, ge=1, description="Deployed prompts (POST /v1/prompts) one key may keep.")
 
     # Metering
     require_api_key: bool = Field(True, description="Every model endpoint needs `Authorization: Bearer <key>`.")

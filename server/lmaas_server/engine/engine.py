@@ -43,6 +43,7 @@ from lmaas_server.config import Settings
 from lmaas_server.engine.bounds import check_bounds
 from lmaas_server.engine.checks import prefix_cache_matches
 from lmaas_server.engine.deadline import Deadline
+from lmaas_server.engine.deployed import Classifier
 from lmaas_server.engine.inputs_store import InputsStore, PreparedInputs, Variant
 from lmaas_server.engine.prompts import CandidateDecoder
 from lmaas_server.engine.scheduler import Job, Scheduler
@@ -69,6 +70,7 @@ class Engine:
         self.scheduler = Scheduler(self.forward, settings.max_batch_tokens)
         self.prefix_cache = self.causal and settings.prefix_cache and prefix_cache_matches(self)
         self.info = self._describe()
+        self.classifier = Classifier(self)  # POST /v1/classify with deployed prompts (deployed.py)
 
     def close(self) -> None:
         self.scheduler.close()
@@ -101,6 +103,8 @@ class Engine:
                 max_prompt_length=self.settings.max_prompt_length,
                 max_body_bytes=self.settings.max_body_bytes,
                 max_projection_elements=self.settings.max_projection_elements,
+                max_classify_texts=self.settings.max_classify_texts,
+                max_classify_chars=self.settings.max_classify_chars,
             ),
         )
 
