@@ -7,6 +7,8 @@
     prompt = load_prompt("runs/sst2-bbt/prompt.npz")
     prompt.classify(["a moving, funny film", "dull from start to end"])   # labels and probabilities
     prompt.evaluate("test")
+    deployed = prompt.deploy("reviews")         # stored on the server: deployed.id works from any HTTP client
+    load_deployed(deployed.id).classify(["a moving, funny film"])       # through POST /v1/classify
     LMaaSClient().usage()
 
 The server and key come from `server=`/`api_key=`, a `client=`, or LMAAS_SERVER and LMAAS_API_KEY as for the CLI.
@@ -19,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from lmaas_client.client import LMaaSClient
-from lmaas_client.predict import Predictor
+from lmaas_client.predict import DeployedPrompt, Predictor
 from lmaas_client.run import Run, RunConfig
 from lmaas_client.tasks import PlacementChoice, TaskSpec
 
-__all__ = ["load_prompt", "tune"]
+__all__ = ["load_deployed", "load_prompt", "tune"]
 
 
 def tune(
@@ -74,5 +76,13 @@ def tune(
 def load_prompt(
     path: str | Path, *, client: LMaaSClient | None = None, server: str | None = None, api_key: str | None = None
 ) -> Predictor:
-    """A saved prompt.npz bound to a server: `.classify(texts)`, `.evaluate(split)`, `.label_names`."""
+    """A saved prompt.npz bound to a server: `.classify(texts)`, `.evaluate(split)`, `.label_names`, `.deploy()`."""
     return Predictor(client or LMaaSClient(server, api_key=api_key), path)
+
+
+def load_deployed(
+    prompt_id: str, *, client: LMaaSClient | None = None, server: str | None = None, api_key: str | None = None
+) -> DeployedPrompt:
+    """A prompt deployed on the server (`Predictor.deploy`, `lmaas deploy`) by its id: `.classify(texts)`,
+    `.label_names`, `.delete()`; 404 (`NotFoundError`) when it is not this key's."""
+    return DeployedPrompt(client or LMaaSClient(server, api_key=api_key), prompt_id)

@@ -1,30 +1,29 @@
-"""`lmaas`: tune prompts against an lmaas server and re-score saved prompts."""
+"""`lmaas`: tune prompts against an lmaas server, re-score saved prompts and classify texts with them (deploying
+and listing prompts on the server: cli_prompts.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lmaas_client.calibration import Calibration
+from lmaas_client.cli_prompts import deploy, prompts_app
+from lmaas_client.cli_support import EXIT_BUDGET, ApiKey, Server, _errors, _rows_bar, console
 from lmaas_client.cli_tasks import HFTask, UserTask, user_task_from_flags
 from lmaas_client.client import DEFAULT_BASE_URL, LMaaSClient
-from lmaas_client.errors import BudgetExhaustedError, LMaaSError
+from lmaas_client.errors import BudgetExhaustedError
 from lmaas_client.evaluation import TaskScorer
-from lmaas_client.local_model import LocalModelError
 from lmaas_client.peft_export import SIDECAR, export_peft
-from lmaas_client.predict import OutputFile, Predictor, predict_file
+from lmaas_client.predict import DeployedPrompt, OutputFile, Predictor, predict_file
 from lmaas_client.prompt_io import load_prompt
 from lmaas_client.results import Progress as RunProgress
 from lmaas_client.run import Run, RunConfig
-from lmaas_client.tasks import TASKS, TaskError
+from lmaas_client.tasks import TASKS
 from lmaas_client.tasks.data import load_split, load_test
 from lmaas_client.tasks.files import is_task_file, resolve_task
 from lmaas_client.tasks.hf import DEFAULT_SHOTS
@@ -32,10 +31,6 @@ from lmaas_client.tasks.readers import read_rows
 from lmaas_client.tuners import TUNERS
 
 app = typer.Typer(help="lmaas client: black-box prompt tuning over HTTP.", no_args_is_help=True)
-console = Console(stderr=True)
-
-Server = Annotated[str, typer.Option(envvar="LMAAS_SERVER", help="Server base URL.")]
-ApiKey = Annotated[Optional[str], typer.Option(envvar="LMAAS_API_KEY", help="API key (Bearer).", show_default=False)]
 Seed = Annotated[int, typer.Option(help="Few-shot split (16-<seed>) and tuner seed: 13, 21, 42, 87 or 100.")]
 TestSize = Annotated[
     Optional[str],
@@ -45,8 +40,6 @@ TestSize = Annotated[
 DataDir = Annotated[
     Optional[Path], typer.Option(help="Folder with the task data [default: ./data or $LMAAS_DATA_DIR].")
 ]
-
-EXIT_ERROR, EXIT_BUDGET = 1, 3
 
 
 @app.command()
@@ -222,22 +215,31 @@ def evaluate(
 
 @app.command()
 def predict(
-    prompt: Annotated[Path, typer.Option(help="A prompt.npz written by `lmaas tune`.")],
     input: Annotated[Path, typer.Option("--input", help="Texts to classify: CSV, TSV or JSONL.")],
     out: Annotated[Path, typer.Option(help="Predictions: .jsonl or .csv (continued if it exists).")],
+    prompt: Annotated[Optional[Path], typer.Option(help="A prompt.npz written by `lmaas tune`.")] = None,
+    deployed: Annotated[
+        Optional[str], typer.Option(help="Instead of --prompt: the id of a prompt deployed with `lmaas deploy`.")
+    ] = None,
     server: Server = DEFAULT_BASE_URL,
     api_key: ApiKey = None,
     text_a: Annotated[str, typer.Option(help="Column of the (first) text.")] = "text_a",
     text_b: Annotated[Optional[str], typer.Option(help="Column of the second text (pairs).")] = None,
     label_column: Annotated[str, typer.Option(help="Column of gold labels, if the file has it (accuracy).")] = "label",
     id_column: Annotated[str, typer.Option(help="Column of row ids, if the file has it [default: row number].")] = "id",
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Rows per request (one call each).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Rows per request.")] = None,
 ) -> None:
-    """Classify new texts with a tuned prompt: per row the label, class probabilities and id (resumable)."""
+    """Classify new texts with a tuned prompt: per row the label, class probabilities and id (resumable).
+
+    With --prompt, one call per request (the evaluate accounting); with --deployed, one call per row."""
+    if (prompt is None) == (deployed is None):
+        raise typer.BadParameter("give either --prompt FILE or --deployed ID", param_hint="--prompt/--deployed")
     with _errors(), LMaaSClient(server, api_key=api_key) as client:
-        predictor = Predictor(client, prompt)
+        predictor = Predictor(client, prompt) if prompt is not None else DeployedPrompt(client, deployed)
         columns = {"text_a": text_a, "label": label_column, "id": id_column, **({"text_b": text_b} if text_b else {})}
         rows = read_rows(input, columns, predictor.label_names, optional=("label", "id"))  # every check before a call
+        if isinstance(predictor, DeployedPrompt):
+            predictor.check_rows(rows, input)
         try:
             with _rows_bar(len(rows)) as update:
                 summary = predict_file(predictor, rows, out, batch_size, on_batch=update)
@@ -267,6 +269,10 @@ def export_peft_adapter(
     console.print(f"wrote a PEFT prompt-tuning adapter ({exported.virtual_tokens} virtual tokens) into {out}")
     for note in exported.notes():
         console.print(f"note: {note}")
+
+
+app.command()(deploy)  # deploying and listing prompts on the server: cli_prompts.py
+app.add_typer(prompts_app, name="prompts")
 
 
 def _test_size(value: str | None) -> int | str | None:
@@ -301,32 +307,6 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-class _errors:
-    """Turn the client's errors into one readable line and an exit code, instead of a traceback."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is None:
-            return False
-        if isinstance(exc, BudgetExhaustedError):
-            console.print(f"[red]budget exhausted:[/] {exc}")
-            raise typer.Exit(EXIT_BUDGET)
-        if isinstance(
-            exc, (LMaaSError, TaskError, ValidationError, ValueError, OSError, pickle.UnpicklingError, LocalModelError)
-        ):
-            console.print(f"[red]error:[/] {_describe(exc)}")
-            raise typer.Exit(EXIT_ERROR)
-        return False
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-    return str(exc)
-
-
 class _progress_bar:
     """A rich progress bar over calls used, showing the best train loss and dev score."""
 
@@ -355,23 +335,6 @@ class _progress_bar:
             return
         dev = f"{state.dev_score:.4f}" if state.dev_score is not None else "-"
         self.progress.update(self.task_id, completed=state.calls_used, loss=f"{state.best_train_loss:.4f}", dev=dev)
-
-
-class _rows_bar:
-    """A rich progress bar over rows classified."""
-
-    def __init__(self, total: int):
-        self.progress = Progress(TextColumn("[bold]classifying"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=console,
-                                 disable=os.environ.get("LMAAS_NO_PROGRESS") == "1")  # fmt: skip
-        self.task_id = self.progress.add_task("predict", total=total)
-
-    def __enter__(self):
-        self.progress.start()
-        return lambda done: self.progress.update(self.task_id, completed=done)
-
-    def __exit__(self, *exc_info) -> None:
-        self.progress.stop()
 
 
 if __name__ == "__main__":
