@@ -3,8 +3,8 @@ SQLite and PostgreSQL: positive and negative cases with a valid API key (the adm
 and positive cases without credentials. No case may get a 5xx (or break the connection), and afterwards
 the server still serves a valid request, charged exactly once, with a consistent ledger.
 
-CI size: ~330 cases per database (30 per operation with parameters; the parameterless ones have a single
-case). LMAAS_FULL_METERING_TESTS=1: ~6,600 per database, with random seeds (CI derandomizes, so a CI failure
+CI size: ~480 cases per database (30 per operation with parameters; the parameterless ones have a single
+case). LMAAS_FULL_METERING_TESTS=1: ~9,600 per database, with random seeds (CI derandomizes, so a CI failure
 reproduces). The fuzzer found three 500s on PostgreSQL (NUL characters in key names and prefixes, expiries
 outside the years 1-9999 in UTC), fixed in lmaas_server.metering.meter and pinned in test_keys_cli_admin.py."""
 
