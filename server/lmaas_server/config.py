@@ -40,8 +40,11 @@ class Settings(BaseSettings):
     max_seq_len: int = Field(512, ge=8, description="Tokens per rendered example, prompt included.")
     max_prompt_length: int = Field(256, ge=0, le=schemas.MAX_PROMPT_TOKENS)
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    max_batch_tokens: int = Field(
-        16384, ge=64, description="Padded tokens per forward pass; larger populations are split."
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=64,
+        description="Padded tokens computed per forward pass; larger populations are split. Unset: 16384 on a "
+        "CPU; on CUDA derived from the memory left free after loading the model.",
     )
     max_projection_elements: int = Field(
         1 << 28, ge=1, description="Largest d * prod(shape) of a server-side projection (float32 elements)."

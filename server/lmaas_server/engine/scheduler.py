@@ -34,9 +34,10 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, forward: FrozenLM, max_batch_tokens: int):
+    def __init__(self, forward: FrozenLM, max_batch_tokens: int, context_weight: float = 0.5):
         self.forward = forward
         self.max_batch_tokens = max_batch_tokens
+        self.context_weight = context_weight  # a cached prefix position's cost in computed tokens
         self.batch_sizes: list[int] = []  # rows per forward of the last round (for tests and metrics)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="lmaas-forward", daemon=True)
@@ -110,7 +111,7 @@ class Scheduler:
             rows += built
             owner.update((id(row), job) for row in built)
         sizes: list[int] = []
-        for batch in batches(rows, self.max_batch_tokens):
+        for batch in batches(rows, self.max_batch_tokens, self.context_weight):
             self._run(batch, owner, sizes)
         self.batch_sizes = sizes
         for job in jobs:

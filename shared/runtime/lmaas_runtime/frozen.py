@@ -71,8 +71,10 @@ class FrozenLM:
             self._embedding_std = probes.embedding_std(self.embedding)
         return self._embedding_std
 
-    def layer_std(self, rendered: Sequence[RenderedExample]) -> list[float]:
-        return probes.layer_std(self.model, self.layers, rendered, self.pad_id)
+    def layer_std(
+        self, rendered: Sequence[RenderedExample], max_batch_tokens: int = probes.LAYER_STD_BATCH_TOKENS
+    ) -> list[float]:
+        return probes.layer_std(self.model, self.layers, rendered, self.pad_id, max_batch_tokens)
 
     def mismatch(self, info: ModelInfo, std_tolerance: float = 0.01) -> str | None:
         """Why this model is not the served one (None if it looks the same). Checks the architecture, sizes and

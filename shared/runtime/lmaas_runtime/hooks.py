@@ -63,7 +63,7 @@ def capture_layer_inputs(layers: Sequence[torch.nn.Module], keep: torch.Tensor) 
     def capture(index: int):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            captured[index] = hidden[keep].float()
+            captured[index] = hidden[keep.to(hidden.device)].float()  # layers may sit on several devices
 
         return hook
 

@@ -40,6 +40,12 @@ def activation_bytes_per_token(config: Any, element_size: int) -> int:
     return (12 * hidden + 3 * intermediate) * element_size + kv_bytes_per_token(config, element_size)
 
 
+def context_weight(config: Any, element_size: int) -> float:
+    """What one cached prefix position costs a batch, in computed tokens: its gathered keys/values for every
+    layer against a computed token's activations (`rows.batches`)."""
+    return kv_bytes_per_token(config, element_size) / activation_bytes_per_token(config, element_size)
+
+
 def batch_tokens_for(config: Any, element_size: int, free_bytes: int) -> int:
     """Padded tokens per forward pass that fit in `FREE_MEMORY_SHARE` of `free_bytes`, within bounds."""
     tokens = int(free_bytes * FREE_MEMORY_SHARE) // activation_bytes_per_token(config, element_size)
