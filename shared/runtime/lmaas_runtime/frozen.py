@@ -58,7 +58,7 @@ class FrozenLM:
     @classmethod
     def load(cls, spec: str | None = None, *, max_length: int | None = None, **options: Any) -> FrozenLM:
         """Load and freeze `spec` (hub id, folder, .gguf; None: the offline default); `options` are
-        `loading.load_frozen`'s (gguf_file, device, dtype, family, cache_dir)."""
+        `loading.load_frozen`'s (gguf_file, device, dtype, family, cache_dir, device_map)."""
         loaded = load_frozen(spec, **options)
         return cls(loaded.model, loaded.tokenizer, loaded.name, loaded.family, max_length)
 

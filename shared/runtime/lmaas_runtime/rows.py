@@ -63,7 +63,8 @@ class Verbalizer:
         """[B, V] -> [B, C]: a class's logit is the logsumexp of its label words' logits."""
         import torch
 
-        picked = vocab_logits[:, self.index].masked_fill(~self.valid, float("-inf"))  # [B, C, W]
+        index, valid = self.index.to(vocab_logits.device), self.valid.to(vocab_logits.device)  # the head's device
+        picked = vocab_logits[:, index].masked_fill(~valid, float("-inf"))  # [B, C, W]
         return torch.logsumexp(picked, dim=-1)
 
 
