@@ -21,8 +21,16 @@ class Settings(BaseSettings):
     gguf_file: str | None = Field(None, description="GGUF file name inside a folder or hub repo given as model.")
     family: Literal["auto", "masked", "causal"] = "auto"
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    device_map: str | None = Field(
+        None,
+        description="Spread a model too large for one device over several: 'auto', 'balanced', 'sequential' "
+        "(accelerate fills the GPUs, then host memory, then disk under cache_dir/offload) or a JSON object of "
+        "module name -> device. Unset: the whole model on `device`.",
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="'auto' = float32 on CPU, bfloat16 on GPUs that support it, else float16."
+        "auto",
+        description="'auto' = float32 on CPU; on GPUs bfloat16 where native (compute capability 8.0+), "
+        "else float32 (float16 only when asked for: many models overflow in it).",
     )
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's own).")
     cache_dir: Path = Field(Path.home() / ".cache" / "lmaas", description="Converted-model cache (GGUF).")
@@ -40,8 +48,11 @@ class Settings(BaseSettings):
     max_seq_len: int = Field(512, ge=8, description="Tokens per rendered example, prompt included.")
     max_prompt_length: int = Field(256, ge=0, le=schemas.MAX_PROMPT_TOKENS)
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    max_batch_tokens: int = Field(
-        16384, ge=64, description="Padded tokens per forward pass; larger populations are split."
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=64,
+        description="Padded tokens computed per forward pass; larger populations are split. Unset: 16384 on a "
+        "CPU; on CUDA derived from the memory left free after loading the model.",
     )
     max_projection_elements: int = Field(
         1 << 28, ge=1, description="Largest d * prod(shape) of a server-side projection (float32 elements)."

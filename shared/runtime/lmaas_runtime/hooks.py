@@ -24,9 +24,9 @@ class LabelPositionHook:
 
         if self.positions is None:
             return args
-        hidden = args[0]
+        hidden = args[0]  # on the head's device, which may differ from the embedding's (device_map)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return (hidden[rows, self.positions].unsqueeze(1), *args[1:])
+        return (hidden[rows, self.positions.to(hidden.device)].unsqueeze(1), *args[1:])
 
 
 class DeepPromptHooks:
@@ -44,10 +44,12 @@ class DeepPromptHooks:
             if index not in self.additions:
                 return None
             rows, positions, values = self.additions[index]
+            hidden = args[0] if args else kwargs["hidden_states"]
+            # each layer on its own device (device_map): the additions go where its input is, in its dtype
+            where = (rows.to(hidden.device), positions.to(hidden.device))
+            hidden = hidden.index_put(where, values.to(hidden.device, hidden.dtype), accumulate=True)
             if args:
-                hidden = args[0].index_put((rows, positions), values.to(args[0].dtype), accumulate=True)
                 return (hidden, *args[1:]), kwargs
-            hidden = kwargs["hidden_states"].index_put((rows, positions), values, accumulate=True)
             return args, {**kwargs, "hidden_states": hidden}
 
         return add
@@ -63,7 +65,7 @@ def capture_layer_inputs(layers: Sequence[torch.nn.Module], keep: torch.Tensor) 
     def capture(index: int):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            captured[index] = hidden[keep].float()
+            captured[index] = hidden[keep.to(hidden.device)].float()  # layers may sit on several devices
 
         return hook
 

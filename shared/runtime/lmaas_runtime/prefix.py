@@ -97,9 +97,9 @@ def _stack(sources: list[torch.Tensor], groups: dict, count: int, width: int, de
     """One layer's [B, kv_heads, width, head_dim] from each group's cached tensor, zero-padded to `width`."""
     import torch
 
-    first = sources[0]
+    first = sources[0]  # on its layer's device (device_map may spread layers over several)
     stacked = first.new_zeros((count, first.shape[1], width, first.shape[3]))
     for source, (_, members, indices) in zip(sources, groups.values(), strict=True):
-        index = torch.tensor(indices, device=device)
-        stacked[torch.tensor(members, device=device), :, : source.shape[2]] = source[index]
+        index = torch.tensor(indices, device=source.device)
+        stacked[torch.tensor(members, device=first.device), :, : source.shape[2]] = source[index]
     return stacked

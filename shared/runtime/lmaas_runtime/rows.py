@@ -63,7 +63,8 @@ class Verbalizer:
         """[B, V] -> [B, C]: a class's logit is the logsumexp of its label words' logits."""
         import torch
 
-        picked = vocab_logits[:, self.index].masked_fill(~self.valid, float("-inf"))  # [B, C, W]
+        index, valid = self.index.to(vocab_logits.device), self.valid.to(vocab_logits.device)  # the head's device
+        picked = vocab_logits[:, index].masked_fill(~valid, float("-inf"))  # [B, C, W]
         return torch.logsumexp(picked, dim=-1)
 
 
@@ -83,21 +84,33 @@ class Row:
 
     @property
     def cost(self) -> int:
-        """Token slots the row occupies in a batch (prefix-cache rows also attend over the cached text)."""
+        """Tokens the row computes: all of them (plain) or those from the prompt slot on (prefix cache)."""
         if self.prefix is None:
             return self.example.length(self.prompt.length)
-        return self.example.length(self.prompt.length) - self.example.prompt_at + self.prefix.width
+        return self.example.length(self.prompt.length) - self.example.prompt_at
+
+    @property
+    def context(self) -> int:
+        """Cached positions the row attends over without computing them (its prefix's padded width)."""
+        return 0 if self.prefix is None else self.prefix.width
 
 
-def batches(rows: Sequence[Row], max_batch_tokens: int) -> Iterator[list[Row]]:
-    """Rows of one path, sorted by cost and cut so rows x costliest <= max_batch_tokens (less padding)."""
+def batches(rows: Sequence[Row], max_batch_tokens: int, context_weight: float = 0.5) -> Iterator[list[Row]]:
+    """Rows of one path, sorted by cost and cut so that rows x (most computed tokens + `context_weight` x
+    widest cached context) <= max_batch_tokens (less padding).
+
+    Batches are sized by the tokens they compute; a cached position costs only the memory of its gathered
+    keys/values, `context_weight` of a computed token's (`memory.context_weight` from the model config).
+    """
     for cached in (False, True):
-        ordered = sorted((r for r in rows if (r.prefix is not None) == cached), key=lambda r: r.cost)
+        ordered = sorted((r for r in rows if (r.prefix is not None) == cached), key=lambda r: (r.cost, r.context))
         batch: list[Row] = []
+        cost = context = 0
         for row in ordered:
-            if batch and (len(batch) + 1) * row.cost > max_batch_tokens:
+            cost, context = max(cost, row.cost), max(context, row.context)
+            if batch and (len(batch) + 1) * (cost + context_weight * context) > max_batch_tokens:
                 yield batch
-                batch = []
+                batch, cost, context = [], row.cost, row.context
             batch.append(row)
         if batch:
             yield batch
