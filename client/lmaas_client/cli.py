@@ -173,7 +173,7 @@ def tune(
         raise typer.Exit(EXIT_BUDGET)
     console.print(
         f"[bold]{run.task.name}/{config.method}[/] seed {config.seed}: manual prompt {result.manual_prompt_test_acc:.4f} "
-        f"-> tuned {result.test_acc:.4f} test {result.metric} (best dev {_fmt(result.best_dev_acc)}); calls used "
+        f"(calibrated {_fmt(result.manual_calibrated_test_acc)}) -> tuned {result.test_acc:.4f} test {result.metric} (best dev {_fmt(result.best_dev_acc)}); calls used "
         f"{result.calls_used}/{config.budget} (+{result.eval_calls} for dev/test); {result.seconds:.0f} s; wrote {out}"
     )
 

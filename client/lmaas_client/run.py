@@ -238,8 +238,8 @@ class Run:
             manual = self._counted(
                 lambda: self.scorer.score(test, [NO_PROMPT], cached=True, key=self._key("manual"))[0]
             )
-            if self._calibrating or self.config.method == "manual":  # the calibrated manual prompt: a baseline
-                state.manual_calibrated_test = self._calibrated_manual(manual.logits)
+            # the calibrated manual prompt: the zero-tuning baseline every run reports (one call on train)
+            state.manual_calibrated_test = self._calibrated_manual(manual.logits)
             state.manual_test = manual.metric
         self._search(start)
         self.best_prompt = chosen = self._chosen()
