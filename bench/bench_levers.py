@@ -45,7 +45,7 @@ def main() -> None:
     command = [str(BIN / "lmaas-server"), "serve", "--no-auth", "--budget", str(10**9), "--port", str(port),
                "--log-level", "warning", *(["--model", args.model] if args.model else [])]  # fmt: skip
     # a loaded 2-core machine can take minutes to score a full test set: no request timeout in the way
-    env = {"LMAAS_INPUT_CACHE_BYTES": str(5 * 10**9), "LMAAS_REQUEST_TIMEOUT_S": "7200",
+    env = {"LMAAS_INPUT_CACHE_BYTES": str(3 * 10**9), "LMAAS_REQUEST_TIMEOUT_S": "7200",
            "LMAAS_STALE_RESERVATION_S": "14400"}  # fmt: skip
     server = subprocess.Popen(command, env={**os.environ, **env})
     try:
