@@ -26,18 +26,6 @@ WORDS = ["great", "terrible"]
 P = 4
 
 
-@pytest.fixture(scope="module")
-def frozen(tiny_model_dirs):
-    cache: dict[str, FrozenLM] = {}
-
-    def get(kind: str) -> FrozenLM:
-        if kind not in cache:
-            cache[kind] = FrozenLM.load(str(tiny_model_dirs[kind]), max_length=128)
-        return cache[kind]
-
-    return get
-
-
 def meta_for(lm: FrozenLM, **extra) -> dict:
     return {"template": TEMPLATES[lm.family], "family": lm.family, "placement": "prefix", "model": lm.name,
             "task": "sst2", "method": "bbt", **extra}  # fmt: skip

@@ -9,24 +9,12 @@ from lmaas_protocol import Example
 from tests.support.tiny_models import CAUSAL_KINDS
 
 torch = pytest.importorskip("torch")
-from lmaas_runtime import FrozenLM, Row, RowPrompt, batches, memory, probes  # noqa: E402
+from lmaas_runtime import Row, RowPrompt, batches, memory, probes  # noqa: E402
 from lmaas_runtime.prefix import compute_prefix  # noqa: E402
 
 TEMPLATE = "Review: {text_a}\n{prompt}Sentiment:{mask}"
 TEXTS = ["the movie was great", "a bad film , boring and dull .", "fun to watch", "thin plot", "it was terrible"]
 EXAMPLES = [Example(text_a=t) for t in TEXTS]
-
-
-@pytest.fixture(scope="module")
-def frozen(tiny_model_dirs):
-    cache: dict[str, FrozenLM] = {}
-
-    def get(kind: str) -> FrozenLM:
-        if kind not in cache:
-            cache[kind] = FrozenLM.load(str(tiny_model_dirs[kind]), max_length=128)
-        return cache[kind]
-
-    return get
 
 
 @pytest.mark.parametrize("kind", CAUSAL_KINDS)

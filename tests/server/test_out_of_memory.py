@@ -4,8 +4,6 @@ its batches still complete with their own logits."""
 
 from __future__ import annotations
 
-import threading
-
 import httpx
 import numpy as np
 import torch
@@ -13,7 +11,7 @@ import torch
 from lmaas_server.errors import Overloaded
 from lmaas_server.metering.budget import CallBudget
 from tests.server.support import assert_error, engine_logits, inputs_body, remaining_after_one_call
-from tests.server.test_batching import BlockFirstForward, batching_requests, wait_for_queue
+from tests.server.test_batching import BlockFirstForward, batching_requests, evaluate_together
 
 
 def fail_when(engine, monkeypatch, too_big) -> list[int]:
@@ -50,24 +48,7 @@ def test_only_the_request_that_does_not_fit_gets_503_and_is_refunded(engines, mo
     ran = fail_when(engine, monkeypatch, lambda b: len(b) > 2 or any(row.out.shape[0] == 5 for row in b))
     spy = BlockFirstForward(engine, monkeypatch)
     budgets = [CallBudget(10) for _ in requests]
-    results: dict[int, object] = {}
-
-    def call(i: int) -> None:
-        try:
-            results[i] = engine_logits(engine.evaluate(requests[i], budgets[i]))
-        except BaseException as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
-    threads[0].start()
-    assert spy.entered.wait(30)
-    for thread in threads[1:]:
-        thread.start()
-    wait_for_queue(engine, 3)  # requests 1 to 3 share the next round
-    spy.release.set()
-    for thread in threads:
-        thread.join(30)
-        assert not thread.is_alive()
+    results = evaluate_together(engine, requests, budgets, spy)  # requests 1 to 3 share the next round
     assert isinstance(results[3], Overloaded) and results[3].status == 503
     assert results[3].headers["Retry-After"] and budgets[3].used == 0  # refunded
     for i in (0, 1, 2):
