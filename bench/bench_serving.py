@@ -12,6 +12,9 @@ Also: upload bytes per candidate (raw prompt vs server-side projection), and the
 difference between the reference loop and the server on the same candidates.
 
     python bench/bench_serving.py [--candidates 20] [--prompt-length 10] [--json bench/results/serving.json]
+
+The model, device and dtype come from the server's settings (`LMAAS_MODEL`, `LMAAS_DEVICE`, `LMAAS_DTYPE`, ...;
+`--model` overrides the first); `bench/gpu_check.sh` runs it on a GPU in float32 and bfloat16.
 """
 
 from __future__ import annotations
@@ -62,18 +65,20 @@ def reference_loop(engine: Engine, request: EvaluateRequest) -> np.ndarray:
         request.template.replace("{prompt}", "").replace("{mask}", "").format(text_a=e.text_a) for e in request.examples
     ]
     encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=True)
-    lengths = encoded["attention_mask"].sum(1)
+    device, dtype = engine.loaded.device, engine.loaded.dtype
+    attention = encoded["attention_mask"].to(device)
+    lengths = attention.sum(1)
     words = [ids[0] for ids in request.verbalizer]
     out = []
     with torch.inference_mode():
-        embeds = model.get_input_embeddings()(encoded["input_ids"])
+        embeds = model.get_input_embeddings()(encoded["input_ids"].to(device))
         for candidate in request.candidates:
-            prompt = torch.from_numpy(np.array(candidate.soft_prompt.to_numpy(), dtype=np.float32))
+            prompt = torch.from_numpy(np.array(candidate.soft_prompt.to_numpy(), dtype=np.float32)).to(device, dtype)
             batch = torch.cat([prompt.expand(len(texts), -1, -1), embeds], dim=1)
-            mask = torch.cat([torch.ones(len(texts), prompt.shape[0], dtype=torch.long), encoded["attention_mask"]], 1)
-            logits = model(inputs_embeds=batch, attention_mask=mask).logits  # [N, T, V], as the BBT code
-            last = logits[torch.arange(len(texts)), prompt.shape[0] + lengths - 1]
-            out.append(last[:, words].numpy())
+            ones = torch.ones(len(texts), prompt.shape[0], dtype=attention.dtype, device=device)
+            logits = model(inputs_embeds=batch, attention_mask=torch.cat([ones, attention], 1)).logits  # [N, T, V]
+            last = logits[torch.arange(len(texts), device=device), prompt.shape[0] + lengths - 1]
+            out.append(last[:, words].float().cpu().numpy())
     return np.stack(out)
 
 
@@ -107,21 +112,28 @@ def concurrent_rate(url: str, request_factory, clients: int, rounds: int, candid
     return clients * rounds * candidates / (time.perf_counter() - start)
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--candidates", type=int, default=20)
     parser.add_argument("--prompt-length", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="requests per client in the concurrency test")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--examples", type=int, help="the first N training examples (default: all 32)")
+    parser.add_argument("--model", help="model to serve (default: LMAAS_MODEL or the offline default)")
+    parser.add_argument("--dtype", help="float32, bfloat16, ... (default: LMAAS_DTYPE or auto)")
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
-    settings = Settings(require_api_key=False)  # an in-process benchmark server: no keys
+
+def measure(args: argparse.Namespace) -> dict:
+    """All five setups on one engine; the report (also written to `args.json` if given)."""
+    overrides = {k: v for k, v in (("model", args.model), ("dtype", args.dtype)) if v}
+    settings = Settings(require_api_key=False, **overrides)  # an in-process benchmark server: no keys
     engine = Engine(load_model(settings), settings)
     info = engine.info
     task = get_task("sst2")
-    train = load_split(task, "train", args.seed, REPO / "data")
+    train = load_split(task, "train", args.seed, REPO / "data")[: args.examples]
     verbalizer = [
         [engine.loaded.tokenizer(w, add_special_tokens=False)["input_ids"][0]] for w in task.label_words["causal"]
     ]
@@ -167,8 +179,8 @@ def main() -> None:
     cached_one = cached.model_copy(update={"candidates": projected[:1]})
     upload_projected = (len(encode_bundle(cached)) - len(encode_bundle(cached_one))) / (args.candidates - 1)
     report = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {engine.info.device}, {engine.info.dtype}",
-        "model": info.name, "candidates_per_request": args.candidates, "prompt_length": args.prompt_length,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {engine.info.device}",
+        "model": info.name, "dtype": info.dtype, "candidates_per_request": args.candidates, "prompt_length": args.prompt_length,
         "examples": len(train), "rates": results,
         "ratios_to_reference": {k: v / results["1_reference_loop"] for k, v in results.items()},
         "http_vs_in_process": results["2_http_batched"] / results["4_in_process_batched"],
@@ -177,11 +189,15 @@ def main() -> None:
                                        "target_4d_plus_256": 4 * INTRINSIC_DIM + 256},
         "max_abs_logit_difference_reference_vs_server": float(np.abs(served - reference).max()),
     }  # fmt: skip
-    print(json.dumps(report, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     engine.close()
+    return report
+
+
+def main() -> None:
+    print(json.dumps(measure(parse()), indent=2))
 
 
 if __name__ == "__main__":

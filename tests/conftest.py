@@ -29,6 +29,21 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
+@pytest.fixture(scope="module")
+def frozen(tiny_model_dirs):
+    """`frozen(kind)`: the tiny model of that kind loaded as a `FrozenLM` (once per module), max length 128."""
+    from lmaas_runtime import FrozenLM  # the runtime imports torch lazily; tests that use it need it anyway
+
+    cache: dict = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            cache[kind] = FrozenLM.load(str(tiny_model_dirs[kind]), max_length=128)
+        return cache[kind]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def engines(tiny_model_dirs):
     """Lazily built engine per tiny-model kind (masked: bert, roberta; causal: llama, gpt2)."""

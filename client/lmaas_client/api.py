@@ -7,6 +7,8 @@
     prompt = load_prompt("runs/sst2-bbt/prompt.npz")
     prompt.classify(["a moving, funny film", "dull from start to end"])   # labels and probabilities
     prompt.evaluate("test")
+    deployed = prompt.deploy("reviews")         # stored on the server: deployed.id works from any HTTP client
+    load_deployed(deployed.id).classify(["a moving, funny film"])       # through POST /v1/classify
     LMaaSClient().usage()
 
 The server and key come from `server=`/`api_key=`, a `client=`, or LMAAS_SERVER and LMAAS_API_KEY as for the CLI.
@@ -19,21 +21,21 @@ from pathlib import Path
 from typing import Any
 
 from lmaas_client.client import LMaaSClient
-from lmaas_client.predict import Predictor
+from lmaas_client.predict import DeployedPrompt, Predictor
 from lmaas_client.run import Run, RunConfig
-from lmaas_client.tasks import Placement
+from lmaas_client.tasks import PlacementChoice, TaskSpec
 
-__all__ = ["load_prompt", "tune"]
+__all__ = ["load_deployed", "load_prompt", "tune"]
 
 
 def tune(
-    task: str,
+    task: str | TaskSpec,
     method: str = "bbt",
     *,
     budget: int,
     seed: int = 42,
     out: str | Path | None = None,
-    placement: Placement = "prefix",
+    placement: PlacementChoice = "auto",
     eval_every: int = 100,
     test_size: Any = None,
     test_at: Sequence[int] = (),
@@ -43,25 +45,27 @@ def tune(
     api_key: str | None = None,
     **options: Any,
 ) -> Run:
-    """Tune a prompt for `task` (a shipped task's name or a task file) and return the finished `Run`.
+    """Tune a prompt for `task` (a shipped task's name, a task file, or a user task built in code such as
+    `hf_task(...)`) and return the finished `Run`.
 
     `options` are the method's settings (`popsize=10`, `calibrate=True`, ...); `seed` seeds the few-shot
     split, the projection and the optimizer alike. With `out`, the run folder is written as `lmaas tune` writes
     it (and `Run.resume(out)` continues it); without, nothing is written.
     """
-    config = RunConfig(task, method, budget, seed, placement, eval_every, test_size,
+    spec = task if isinstance(task, TaskSpec) else None  # saved as task.json in `out`, which the run then names
+    config = RunConfig(spec.name if spec else task, method, budget, seed, placement, eval_every, test_size,
                        None if data_dir is None else str(data_dir), {**options, "seed": seed}, list(test_at))  # fmt: skip
     owned = client is None
     client = client or LMaaSClient(server, api_key=api_key)
     try:
         if out is not None:
-            run = Run.create(out, config, client)
+            run = Run.create(out, config, client, task=spec)
         else:
             from lmaas_client.tasks.files import resolve_task
             from lmaas_client.tuners import make_tuner
 
             tuner = make_tuner(method, client.model_info(), **config.options)
-            run = Run(config, client, resolve_task(task), tuner)
+            run = Run(config, client, spec or resolve_task(task), tuner)
         run.tune()
         return run
     finally:
@@ -72,5 +76,13 @@ def tune(
 def load_prompt(
     path: str | Path, *, client: LMaaSClient | None = None, server: str | None = None, api_key: str | None = None
 ) -> Predictor:
-    """A saved prompt.npz bound to a server: `.classify(texts)`, `.evaluate(split)`, `.label_names`."""
+    """A saved prompt.npz bound to a server: `.classify(texts)`, `.evaluate(split)`, `.label_names`, `.deploy()`."""
     return Predictor(client or LMaaSClient(server, api_key=api_key), path)
+
+
+def load_deployed(
+    prompt_id: str, *, client: LMaaSClient | None = None, server: str | None = None, api_key: str | None = None
+) -> DeployedPrompt:
+    """A prompt deployed on the server (`Predictor.deploy`, `lmaas deploy`) by its id: `.classify(texts)`,
+    `.label_names`, `.delete()`; 404 (`NotFoundError`) when it is not this key's."""
+    return DeployedPrompt(client or LMaaSClient(server, api_key=api_key), prompt_id)

@@ -1,37 +1,36 @@
-"""`lmaas`: tune prompts against an lmaas server and re-score saved prompts."""
+"""`lmaas`: tune prompts against an lmaas server, re-score saved prompts and classify texts with them (deploying
+and listing prompts on the server: cli_prompts.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lmaas_client.calibration import Calibration
+from lmaas_client.cli_prompts import deploy, prompts_app
+from lmaas_client.cli_support import EXIT_BUDGET, ApiKey, Server, _errors, _rows_bar, console
+from lmaas_client.cli_tasks import HFTask, UserTask, user_task_from_flags
 from lmaas_client.client import DEFAULT_BASE_URL, LMaaSClient
-from lmaas_client.errors import BudgetExhaustedError, LMaaSError
+from lmaas_client.errors import BudgetExhaustedError
 from lmaas_client.evaluation import TaskScorer
-from lmaas_client.predict import OutputFile, Predictor, predict_file
+from lmaas_client.peft_export import SIDECAR, export_peft
+from lmaas_client.predict import DeployedPrompt, OutputFile, Predictor, predict_file
 from lmaas_client.prompt_io import load_prompt
 from lmaas_client.results import Progress as RunProgress
 from lmaas_client.run import Run, RunConfig
-from lmaas_client.tasks import TASKS, TaskError, TaskSpec
+from lmaas_client.tasks import TASKS
 from lmaas_client.tasks.data import load_split, load_test
-from lmaas_client.tasks.files import is_task_file, resolve_task, user_task
+from lmaas_client.tasks.files import is_task_file, resolve_task
+from lmaas_client.tasks.hf import DEFAULT_SHOTS
 from lmaas_client.tasks.readers import read_rows
 from lmaas_client.tuners import TUNERS
 
 app = typer.Typer(help="lmaas client: black-box prompt tuning over HTTP.", no_args_is_help=True)
-console = Console(stderr=True)
-
-Server = Annotated[str, typer.Option(envvar="LMAAS_SERVER", help="Server base URL.")]
-ApiKey = Annotated[Optional[str], typer.Option(envvar="LMAAS_API_KEY", help="API key (Bearer).", show_default=False)]
 Seed = Annotated[int, typer.Option(help="Few-shot split (16-<seed>) and tuner seed: 13, 21, 42, 87 or 100.")]
 TestSize = Annotated[
     Optional[str],
@@ -41,8 +40,6 @@ TestSize = Annotated[
 DataDir = Annotated[
     Optional[Path], typer.Option(help="Folder with the task data [default: ./data or $LMAAS_DATA_DIR].")
 ]
-
-EXIT_ERROR, EXIT_BUDGET = 1, 3
 
 
 @app.command()
@@ -83,13 +80,22 @@ def tune(
     task: Annotated[
         str,
         typer.Option(
-            help=f"A shipped task ({', '.join(sorted(TASKS))}), a task file (.toml, .json), or your own task's name with --train etc."
+            help=f"A shipped task ({', '.join(sorted(TASKS))}), a task file (.toml, .json), a Hugging Face dataset "
+            "(hf:NAME[:CONFIG] or hf:FOLDER saved with save_to_disk; the `hf` extra), or your own task's name with "
+            "--train etc."
         ),
     ] = "sst2",
     method: Annotated[str, typer.Option(help=f"Tuning method: {', '.join(sorted(TUNERS))}.")] = "bbt",
     budget: Annotated[int, typer.Option(min=1, help="Calls on the training set (one per candidate).")] = 8000,
     seed: Seed = 42,
-    placement: Annotated[str, typer.Option(help="prefix (as the papers) or suffix (after the text).")] = "prefix",
+    placement: Annotated[
+        str,
+        typer.Option(
+            help="auto (suffix on causal LMs: the served text's keys/values are reused, several times cheaper per "
+            "call, and it scored at or above prefix in our runs; prefix on masked LMs), prefix (as the papers) "
+            "or suffix (after the text)."
+        ),
+    ] = "auto",
     eval_every: Annotated[int, typer.Option(min=1, help="Calls between dev evaluations.")] = 100,
     test_size: TestSize = None,
     test_at: Annotated[
@@ -123,6 +129,10 @@ def tune(
         Optional[str], UserTask("Your own task: template with {text_a} and {mask} ('\\n' = newline).")
     ] = None,
     metric: Annotated[str, UserTask("Your own task: accuracy or f1.")] = "accuracy",
+    hf_train_split: Annotated[str, HFTask("Split the few-shot train and dev examples are drawn from.")] = "train",
+    hf_test_split: Annotated[str, HFTask("Split scored as the test set.")] = "test",
+    hf_shots: Annotated[int, HFTask("Examples per class in train, and again in dev.", min=1)] = DEFAULT_SHOTS,
+    hf_revision: Annotated[Optional[str], HFTask("Dataset revision on the Hub (a tag or commit).")] = None,
 ) -> None:
     """Tune a prompt for a task with a black-box method, under a call budget (resumable)."""
     if resume:
@@ -134,11 +144,17 @@ def tune(
         shortcuts = {"popsize": popsize, "prompt_length": prompt_length, "intrinsic_dim": intrinsic_dim}
         options.update({k: v for k, v in shortcuts.items() if v is not None})
         options.setdefault("seed", seed)
-        if placement not in ("prefix", "suffix"):
-            raise typer.BadParameter("must be prefix or suffix", param_hint="--placement")
+        if placement not in ("auto", "prefix", "suffix"):
+            raise typer.BadParameter("must be auto, prefix or suffix", param_hint="--placement")
         with _errors():
-            user_spec = _user_task(task, train, dev, test, text_a, text_b, label_column, label_name, label_word,
-                                   template, metric)  # fmt: skip
+            hf = {
+                "train_split": hf_train_split,
+                "test_split": hf_test_split,
+                "shots": hf_shots,
+                "revision": hf_revision,
+            }
+            user_spec = user_task_from_flags(task, train, dev, test, text_a, text_b, label_column, label_name, label_word,
+                                   template, metric, hf)  # fmt: skip
         if user_spec is not None:
             task = user_spec.name  # Run.create saves it as task.json and names that file
         elif is_task_file(task):
@@ -157,7 +173,7 @@ def tune(
         raise typer.Exit(EXIT_BUDGET)
     console.print(
         f"[bold]{run.task.name}/{config.method}[/] seed {config.seed}: manual prompt {result.manual_prompt_test_acc:.4f} "
-        f"-> tuned {result.test_acc:.4f} test {result.metric} (best dev {_fmt(result.best_dev_acc)}); calls used "
+        f"(calibrated {_fmt(result.manual_calibrated_test_acc)}) -> tuned {result.test_acc:.4f} test {result.metric} (best dev {_fmt(result.best_dev_acc)}); calls used "
         f"{result.calls_used}/{config.budget} (+{result.eval_calls} for dev/test); {result.seconds:.0f} s; wrote {out}"
     )
 
@@ -199,22 +215,31 @@ def evaluate(
 
 @app.command()
 def predict(
-    prompt: Annotated[Path, typer.Option(help="A prompt.npz written by `lmaas tune`.")],
     input: Annotated[Path, typer.Option("--input", help="Texts to classify: CSV, TSV or JSONL.")],
     out: Annotated[Path, typer.Option(help="Predictions: .jsonl or .csv (continued if it exists).")],
+    prompt: Annotated[Optional[Path], typer.Option(help="A prompt.npz written by `lmaas tune`.")] = None,
+    deployed: Annotated[
+        Optional[str], typer.Option(help="Instead of --prompt: the id of a prompt deployed with `lmaas deploy`.")
+    ] = None,
     server: Server = DEFAULT_BASE_URL,
     api_key: ApiKey = None,
     text_a: Annotated[str, typer.Option(help="Column of the (first) text.")] = "text_a",
     text_b: Annotated[Optional[str], typer.Option(help="Column of the second text (pairs).")] = None,
     label_column: Annotated[str, typer.Option(help="Column of gold labels, if the file has it (accuracy).")] = "label",
     id_column: Annotated[str, typer.Option(help="Column of row ids, if the file has it [default: row number].")] = "id",
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Rows per request (one call each).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Rows per request.")] = None,
 ) -> None:
-    """Classify new texts with a tuned prompt: per row the label, class probabilities and id (resumable)."""
+    """Classify new texts with a tuned prompt: per row the label, class probabilities and id (resumable).
+
+    With --prompt, one call per request (the evaluate accounting); with --deployed, one call per row."""
+    if (prompt is None) == (deployed is None):
+        raise typer.BadParameter("give either --prompt FILE or --deployed ID", param_hint="--prompt/--deployed")
     with _errors(), LMaaSClient(server, api_key=api_key) as client:
-        predictor = Predictor(client, prompt)
+        predictor = Predictor(client, prompt) if prompt is not None else DeployedPrompt(client, deployed)
         columns = {"text_a": text_a, "label": label_column, "id": id_column, **({"text_b": text_b} if text_b else {})}
         rows = read_rows(input, columns, predictor.label_names, optional=("label", "id"))  # every check before a call
+        if isinstance(predictor, DeployedPrompt):
+            predictor.check_rows(rows, input)
         try:
             with _rows_bar(len(rows)) as update:
                 summary = predict_file(predictor, rows, out, batch_size, on_batch=update)
@@ -227,28 +252,27 @@ def predict(
     console.print(f"{summary.rows} rows classified into {out} ({summary.calls} calls{accuracy})")
 
 
-def UserTask(help: str):
-    return typer.Option(help=help, rich_help_panel="Your own task (instead of a shipped one or a task file)")
+@app.command("export-peft")
+def export_peft_adapter(
+    prompt: Annotated[Path, typer.Argument(help="A prompt.npz written by `lmaas tune` (prefix placement).")],
+    out: Annotated[
+        Path, typer.Option(help=f"Adapter folder: adapter_config.json, adapter_model.safetensors, {SIDECAR}.")
+    ],
+    base_model: Annotated[
+        str, typer.Option(help="The model the prompt was tuned on: hub id or folder, as PEFT loads it.")
+    ],
+    device: Annotated[str, typer.Option(help="Device to load the base model on (its embeddings are read).")] = "cpu",
+) -> None:
+    """Export a prefix prompt as a PEFT prompt-tuning adapter: PeftModel.from_pretrained(base, OUT) (the peft extra)."""
+    with _errors():
+        exported = export_peft(prompt, out, base_model, device=device)
+    console.print(f"wrote a PEFT prompt-tuning adapter ({exported.virtual_tokens} virtual tokens) into {out}")
+    for note in exported.notes():
+        console.print(f"note: {note}")
 
 
-def _user_task(task: str, train, dev, test, text_a, text_b, label_column, label_names, label_words, template,
-               metric) -> TaskSpec | None:  # fmt: skip
-    """The task given by flags (the run saves it as task.json), or None for a shipped task or a task file."""
-    if train is None:
-        if any(v is not None for v in (dev, test, label_names, label_words, template)):
-            raise TaskError(
-                "your own task needs --train, --dev and --test (and --label-name, --label-word, --template)"
-            )
-        if not is_task_file(task):
-            resolve_task(task)  # an unknown name fails here, before any call
-        return None
-    missing = [flag for flag, value in (("--dev", dev), ("--test", test), ("--label-name", label_names),
-                                        ("--label-word", label_words), ("--template", template)) if not value]  # fmt: skip
-    if missing:
-        raise TaskError(f"your own task also needs {', '.join(missing)}")
-    return user_task(task, train=train, dev=dev, test=test, label_names=label_names, label_words=label_words,
-                     templates=template.replace("\\n", "\n"), text_a=text_a, text_b=text_b, label=label_column,
-                     metric=metric, base_dir=Path.cwd(), source="flags")  # fmt: skip
+app.command()(deploy)  # deploying and listing prompts on the server: cli_prompts.py
+app.add_typer(prompts_app, name="prompts")
 
 
 def _test_size(value: str | None) -> int | str | None:
@@ -283,30 +307,6 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-class _errors:
-    """Turn the client's errors into one readable line and an exit code, instead of a traceback."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is None:
-            return False
-        if isinstance(exc, BudgetExhaustedError):
-            console.print(f"[red]budget exhausted:[/] {exc}")
-            raise typer.Exit(EXIT_BUDGET)
-        if isinstance(exc, (LMaaSError, TaskError, ValidationError, ValueError, OSError, pickle.UnpicklingError)):
-            console.print(f"[red]error:[/] {_describe(exc)}")
-            raise typer.Exit(EXIT_ERROR)
-        return False
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-    return str(exc)
-
-
 class _progress_bar:
     """A rich progress bar over calls used, showing the best train loss and dev score."""
 
@@ -335,23 +335,6 @@ class _progress_bar:
             return
         dev = f"{state.dev_score:.4f}" if state.dev_score is not None else "-"
         self.progress.update(self.task_id, completed=state.calls_used, loss=f"{state.best_train_loss:.4f}", dev=dev)
-
-
-class _rows_bar:
-    """A rich progress bar over rows classified."""
-
-    def __init__(self, total: int):
-        self.progress = Progress(TextColumn("[bold]classifying"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=console,
-                                 disable=os.environ.get("LMAAS_NO_PROGRESS") == "1")  # fmt: skip
-        self.task_id = self.progress.add_task("predict", total=total)
-
-    def __enter__(self):
-        self.progress.start()
-        return lambda done: self.progress.update(self.task_id, completed=done)
-
-    def __exit__(self, *exc_info) -> None:
-        self.progress.stop()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import time
+import urllib.parse
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -29,6 +30,9 @@ from lmaas_protocol import (
     API_PREFIX,
     BUNDLE_MEDIA_TYPE,
     IDEMPOTENCY_HEADER,
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassifyText,
     ErrorResponse,
     EvaluateRequest,
     EvaluateResponse,
@@ -38,6 +42,9 @@ from lmaas_protocol import (
     LayerStdRequest,
     LayerStdResponse,
     ModelInfo,
+    PromptInfo,
+    PromptList,
+    PromptSpec,
     TokenizeRequest,
     TokenizeResponse,
     UsageResponse,
@@ -143,6 +150,33 @@ class LMaaSClient:
         """This key's budget, what it used and its newest requests (404 on a server without keys)."""
         return self._request("GET", "/usage", UsageResponse)
 
+    # ------------------------------------------------------------------------------------------- deployed prompts
+
+    def deploy(self, spec: PromptSpec) -> PromptInfo:
+        """Store a tuned prompt on the server for this key; its id classifies texts (free). Deploying the same
+        prompt again returns the same id, so retries store no copy."""
+        return self._request("POST", "/prompts", PromptInfo, spec, bundle=self.wire == "bundle")
+
+    def prompts(self) -> list[PromptInfo]:
+        """This key's deployed prompts, newest first."""
+        return self._request("GET", "/prompts", PromptList).prompts
+
+    def prompt(self, prompt_id: str) -> PromptInfo:
+        return self._request("GET", f"/prompts/{_path(prompt_id)}", PromptInfo)
+
+    def delete_prompt(self, prompt_id: str) -> None:
+        self._request("DELETE", f"/prompts/{_path(prompt_id)}", None)
+
+    def classify(
+        self, prompt_id: str, texts: Sequence[ClassifyText | str], *, idempotency_key: str | None = None
+    ) -> ClassifyResponse:
+        """Label and class probabilities per text with a deployed prompt (one call per text; at most the
+        server's `limits.max_classify_texts` texts). One idempotency key covers all retries."""
+        body = ClassifyRequest(prompt=prompt_id, texts=[ClassifyText(text_a=t) if isinstance(t, str) else t
+                                                        for t in texts])  # fmt: skip
+        key = idempotency_key or uuid.uuid4().hex
+        return self._request("POST", "/classify", ClassifyResponse, body, idempotency_key=key)
+
     def close(self) -> None:
         self._http.close()
 
@@ -202,6 +236,11 @@ class LMaaSClient:
         if retry_after is not None:  # the server knows best; one beyond the retry window ends the retries
             return max(retry_after, 0.0)
         return min(INITIAL_RETRY_DELAY * 2**attempt, MAX_RETRY_DELAY) * (1 - RETRY_JITTER * random.random())
+
+
+def _path(segment: str) -> str:
+    """One URL path segment: an id with '/' or '..' in it stays one segment (and gets its 404)."""
+    return urllib.parse.quote(segment, safe="")
 
 
 def _parse(response: httpx.Response, model: type[ResponseT]) -> ResponseT:

@@ -1,4 +1,6 @@
-"""Classifying new texts with a tuned prompt: the `Predictor` and the resumable file run behind `lmaas predict`.
+"""Classifying new texts with a tuned prompt: the `Predictor` (a prompt.npz, through `/v1/evaluate`), the
+`DeployedPrompt` (a prompt deployed on the server, through `/v1/classify`) and the resumable file run behind
+`lmaas predict`.
 
 A prompt.npz carries everything needed to use it: the candidate, the task (label names and words), the template
 and placement it was tuned with, the model it was tuned on and, when the run fitted one, its calibration. Rows
@@ -29,7 +31,7 @@ from lmaas_client.prompt_io import load_prompt
 from lmaas_client.prompts import named_specs, projection_names
 from lmaas_client.tasks import TaskError
 from lmaas_client.tasks.files import resolve_task
-from lmaas_protocol import EvaluateRequest, Example
+from lmaas_protocol import ClassifyText, EvaluateRequest, Example, PromptCalibration, PromptInfo, PromptSpec
 
 MAX_BATCH = 256  # rows per request at most: a request's latency stays in seconds on a CPU server
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
@@ -74,6 +76,27 @@ class Predictor:
     def label_names(self) -> list[str]:
         return list(self.task.label_names)
 
+    @property
+    def max_batch(self) -> int:
+        """Rows per request: the server's max_examples (one call per request)."""
+        return min(MAX_BATCH, self.client.model_info().limits.max_examples)
+
+    def spec(self, name: str = "") -> PromptSpec:
+        """The prompt as the server stores it: candidate, template, verbalizer, label names, calibration."""
+        names = projection_names([self.candidate])
+        calibration = None
+        if self.calibration is not None:
+            calibration = PromptCalibration(bias=[float(b) for b in self.calibration.bias],
+                                            scale=self.calibration.scale)  # fmt: skip
+        return PromptSpec(name=name, candidate=self.candidate.to_wire(names),
+                          projections=named_specs([self.candidate], names) or None, template=self.scorer.template,
+                          verbalizer=self.scorer.verbalizer, labels=self.label_names, calibration=calibration,
+                          truncate=self.scorer.truncate)  # fmt: skip
+
+    def deploy(self, name: str = "") -> DeployedPrompt:
+        """Store this prompt on the server (free); the returned prompt classifies by id, from any HTTP client."""
+        return DeployedPrompt(self.client, self.client.deploy(self.spec(name)))
+
     def probabilities(self, examples: Sequence[Example], idempotency_key: str | None = None) -> np.ndarray:
         """[N, C] class probabilities for up to the server's max_examples examples, in one call."""
         names = projection_names([self.candidate])
@@ -102,10 +125,7 @@ class Predictor:
         """Predictions for texts given as strings, (text_a, text_b) pairs, dicts with text_a/text_b (and an
         optional label name), or a DataFrame-like table (anything with `to_dict("records")`); ids are the
         0-based positions. Batched to the server's limits, one call per batch."""
-        records = texts.to_dict("records") if hasattr(texts, "to_dict") else list(texts)
-        rows = [(str(i), self._example(record)) for i, record in enumerate(records)]
-        size = min(MAX_BATCH, self.client.model_info().limits.max_examples)
-        return [p for start in range(0, len(rows), size) for p in self.predict(rows[start : start + size])]
+        return classify_texts(self, texts)
 
     def evaluate(self, split: str = "test", seed: int | None = None, test_size: Any = None,
                  data_dir: str | Path | None = None) -> float:  # fmt: skip
@@ -117,21 +137,85 @@ class Predictor:
             self.task, split, split_seed, data_dir)  # type: ignore[arg-type]  # fmt: skip
         return self.scorer.score(examples, [self.candidate], calibration=self.calibration)[0].metric
 
-    def _example(self, record: Any) -> Example:
-        if isinstance(record, str):
-            return Example(text_a=record)
-        if isinstance(record, (tuple, list)):
-            return Example(text_a=record[0], text_b=record[1] if len(record) > 1 else None)
-        label = record.get("label")
-        label_id = self.label_names.index(label) if isinstance(label, str) else label
-        return Example(text_a=record["text_a"], text_b=record.get("text_b"), label=label_id)
-
     def batch_key(self, rows: Sequence[Row], start: int) -> str:
         """The same rows at the same place under the same prompt: the same key, so a rerun replays."""
         digest = hashlib.sha256(self.fingerprint.encode())
         for row_id, example in rows:
             digest.update(json.dumps([row_id, example.text_a, example.text_b]).encode())
         return f"predict-{digest.hexdigest()[:32]}-{start}"
+
+
+class DeployedPrompt:
+    """A prompt deployed on the server, used by its id: `.classify(texts)`, `.delete()`, as `lmaas predict
+    --deployed` uses it. Charged one call per text."""
+
+    def __init__(self, client: LMaaSClient, prompt: str | PromptInfo):
+        self.client = client
+        self.info = prompt if isinstance(prompt, PromptInfo) else client.prompt(prompt)
+        self.id = self.info.id
+        self.calls = 0
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.info.labels)
+
+    @property
+    def max_batch(self) -> int:
+        """Texts per request: the server's max_classify_texts."""
+        return min(MAX_BATCH, self.client.model_info().limits.max_classify_texts or MAX_BATCH)
+
+    def predict(self, rows: Sequence[Row], idempotency_key: str | None = None) -> list[Prediction]:
+        texts = [ClassifyText(text_a=example.text_a, text_b=example.text_b) for _, example in rows]
+        response = self.client.classify(self.id, texts, idempotency_key=idempotency_key)
+        self.calls += response.usage.calls
+        names = self.label_names
+        return [Prediction(row_id, result.label, {name: round(result.probabilities[name], 6) for name in names},
+                           None if example.label is None else names[example.label])
+                for (row_id, example), result in zip(rows, response.results, strict=True)]  # fmt: skip
+
+    def classify(self, texts: Any) -> list[Prediction]:
+        """As `Predictor.classify`: strings, pairs, dicts or a DataFrame-like table, batched to the limits."""
+        return classify_texts(self, texts)
+
+    def batch_key(self, rows: Sequence[Row], start: int) -> str:
+        digest = hashlib.sha256(self.id.encode())
+        for row_id, example in rows:
+            digest.update(json.dumps([row_id, example.text_a, example.text_b]).encode())
+        return f"classify-{digest.hexdigest()[:32]}-{start}"
+
+    def delete(self) -> None:
+        self.client.delete_prompt(self.id)
+
+    def check_rows(self, rows: Sequence[Row], source: Path | str) -> None:
+        """Texts the server would refuse (empty, longer than its limit), named before any call."""
+        limit = self.client.model_info().limits.max_classify_chars
+        for row_id, example in rows:
+            for name in ("text_a", "text_b"):
+                value = getattr(example, name)
+                if value is not None and not value.strip():
+                    raise TaskError(f"{source}: row {row_id}: {name} is empty")
+                if value is not None and limit is not None and len(value) > limit:
+                    raise TaskError(f"{source}: row {row_id}: {name} is longer than the server's {limit} characters")
+
+
+def classify_texts(predictor: Predictor | DeployedPrompt, texts: Any) -> list[Prediction]:
+    """Predictions for texts given as strings, (text_a, text_b) pairs, dicts with text_a/text_b (and an optional
+    label name), or a DataFrame-like table (anything with `to_dict("records")`); ids are the 0-based
+    positions. Batched to the server's limits."""
+    records = texts.to_dict("records") if hasattr(texts, "to_dict") else list(texts)
+    rows = [(str(i), _example(record, predictor.label_names)) for i, record in enumerate(records)]
+    size = predictor.max_batch
+    return [p for start in range(0, len(rows), size) for p in predictor.predict(rows[start : start + size])]
+
+
+def _example(record: Any, label_names: list[str]) -> Example:
+    if isinstance(record, str):
+        return Example(text_a=record)
+    if isinstance(record, (tuple, list)):
+        return Example(text_a=record[0], text_b=record[1] if len(record) > 1 else None)
+    label = record.get("label")
+    label_id = label_names.index(label) if isinstance(label, str) else label
+    return Example(text_a=record["text_a"], text_b=record.get("text_b"), label=label_id)
 
 
 @dataclass
@@ -143,7 +227,7 @@ class PredictSummary:
 
 
 def predict_file(
-    predictor: Predictor,
+    predictor: Predictor | DeployedPrompt,
     rows: Sequence[Row],
     out: Path,
     batch_size: int | None = None,
@@ -156,7 +240,7 @@ def predict_file(
     if done != expected:
         raise TaskError(f"{out}: holds predictions for other rows (first difference at row {len(done)}); "
                         "remove it or choose another --out")  # fmt: skip
-    size = min(batch_size or MAX_BATCH, predictor.client.model_info().limits.max_examples)
+    size = min(batch_size or MAX_BATCH, predictor.max_batch)
     for start in range(len(done), len(rows), size):
         batch = rows[start : start + size]
         writer.append(predictor.predict(batch, predictor.batch_key(batch, start)))

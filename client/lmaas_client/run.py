@@ -38,7 +38,7 @@ from lmaas_client.prompt_io import save_prompt
 from lmaas_client.prompts import PromptCandidate
 from lmaas_client.results import Progress, RunResult, RunState
 from lmaas_client.selection import DevSelection
-from lmaas_client.tasks import Placement, TaskSpec
+from lmaas_client.tasks import PlacementChoice, TaskSpec
 from lmaas_client.tasks.data import TaskData, TestSize, load_task_data
 from lmaas_client.tasks.files import resolve_task, save_task_file
 from lmaas_client.tuners import make_tuner
@@ -59,7 +59,7 @@ class RunConfig:
     method: str
     budget: int  # calls on the training set
     seed: int
-    placement: Placement = "prefix"
+    placement: PlacementChoice = "auto"  # auto: suffix on causal LMs, prefix on masked ones (Run resolves it)
     eval_every: int = 100  # calls between dev evaluations of the best-so-far prompt (BBT: 100)
     test_size: TestSize = None  # None: the task's quick subsample (full for small sets); "full"; or N examples
     data_dir: str | None = None
@@ -81,6 +81,8 @@ class Run:
     def __init__(self, config: RunConfig, client: LMaaSClient, task: TaskSpec, tuner: Tuner,
                  folder: str | Path | None = None, *, server: str | None = None, resumed: bool = False,
                  owns_client: bool = False):  # fmt: skip
+        if config.placement == "auto":  # resolved once; run.json keeps the placement actually used
+            config = replace(config, placement=task.auto_placement(client.model_info().family))
         self.config, self.client, self.task, self.tuner = config, client, task, tuner
         self.folder = None if folder is None else Path(folder)
         self.server = server or client.base_url
@@ -169,7 +171,14 @@ class Run:
             return finished  # a completed run resumed: nothing to do, nothing to pay
         self.scorer = TaskScorer(self.client, self.task, config.placement)
         self.data = load_task_data(self.task, config.seed, config.data_dir, config.test_size)
-        self.selection = DevSelection(self.scorer, self.data.dev, config.eval_every)
+        self.selection = DevSelection(
+            self.scorer,
+            self.data.dev,
+            config.eval_every,
+            getattr(self.tuner.config, "select", "dev"),
+            len(self.data.train),
+            self.tuner.config.loss,
+        )
         if self.resumed:
             self.state = self._load_checkpoint()
         self.state.run_id = self.state.run_id or uuid.uuid4().hex  # saved with the first checkpoint
@@ -229,8 +238,8 @@ class Run:
             manual = self._counted(
                 lambda: self.scorer.score(test, [NO_PROMPT], cached=True, key=self._key("manual"))[0]
             )
-            if self._calibrating or self.config.method == "manual":  # the calibrated manual prompt: a baseline
-                state.manual_calibrated_test = self._calibrated_manual(manual.logits)
+            # the calibrated manual prompt: the zero-tuning baseline every run reports (one call on train)
+            state.manual_calibrated_test = self._calibrated_manual(manual.logits)
             state.manual_test = manual.metric
         self._search(start)
         self.best_prompt = chosen = self._chosen()
@@ -284,7 +293,7 @@ class Run:
             final = test_now or state.calls + per_candidate > config.budget
             best_calibration = Calibration.from_json(state.best_calibration) if state.best_calibration else None
             self.selection.maybe_evaluate(tuner.best, state.calls, final=final, calibration=best_calibration,
-                                          key=self._key(f"dev{state.calls}"))  # fmt: skip
+                                          key=self._key(f"dev{state.calls}"), train_loss=tuner.best_loss)  # fmt: skip
             point = {"calls": state.calls, "best_train_loss": tuner.best_loss, "dev_score": self.selection.best_score}
             if test_now:
                 pending_tests = [p for p in pending_tests if p > state.calls]

@@ -36,6 +36,11 @@ def serve(
     host: Annotated[Optional[str], typer.Option(help="Interface to bind [default: 127.0.0.1]")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port [default: 8000]")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
+    device_map: Annotated[
+        Optional[str],
+        typer.Option(help="Spread the model over several GPUs (then CPU, disk): auto, balanced, sequential or JSON"),
+    ] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16 or float16")] = None,
     family: Annotated[Optional[str], typer.Option(help="auto, masked or causal")] = None,
     database_url: DatabaseUrl = None,
     no_auth: Annotated[
@@ -49,8 +54,9 @@ def serve(
     ] = None,
 ) -> None:
     """Load the model and serve the /v1 API (options override LMAAS_* environment variables)."""
-    settings = _settings(model=model, host=host, port=port, device=device, family=family, database_url=database_url,
-                         budget=budget, require_api_key=False if no_auth else None, log_format=log_format)  # fmt: skip
+    settings = _settings(model=model, host=host, port=port, device=device, device_map=device_map, dtype=dtype,
+                         family=family, database_url=database_url, budget=budget,
+                         require_api_key=False if no_auth else None, log_format=log_format)  # fmt: skip
     if settings.prometheus_multiproc_dir:  # must be set before prometheus_client is imported
         settings.prometheus_multiproc_dir.mkdir(parents=True, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(settings.prometheus_multiproc_dir)

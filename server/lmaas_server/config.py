@@ -21,10 +21,17 @@ class Settings(BaseSettings):
     gguf_file: str | None = Field(None, description="GGUF file name inside a folder or hub repo given as model.")
     family: Literal["auto", "masked", "causal"] = "auto"
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    device_map: str | None = Field(
+        None,
+        description="Spread a model too large for one device over several: 'auto', 'balanced', 'sequential' "
+        "(accelerate fills the GPUs, then host memory, then disk under cache_dir/offload) or a JSON object of "
+        "module name -> device. Unset: the whole model on `device`.",
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto",
-        description="'auto' = bfloat16 on CPUs with bfloat16 instructions (avx512_bf16, amx_bf16), else float32; "
-        "bfloat16 on GPUs that support it, else float16.",
+        description="'auto' = bfloat16 on CPUs with bfloat16 instructions (avx512_bf16, amx_bf16), else "
+        "float32; on GPUs bfloat16 where native (compute capability 8.0+), else float32 (float16 only when asked "
+        "for: many models overflow in it).",
     )
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's own).")
     cache_dir: Path = Field(Path.home() / ".cache" / "lmaas", description="Converted-model cache (GGUF).")
@@ -42,8 +49,11 @@ class Settings(BaseSettings):
     max_seq_len: int = Field(512, ge=8, description="Tokens per rendered example, prompt included.")
     max_prompt_length: int = Field(256, ge=0, le=schemas.MAX_PROMPT_TOKENS)
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    max_batch_tokens: int = Field(
-        16384, ge=64, description="Padded tokens per forward pass; larger populations are split."
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=64,
+        description="Padded tokens computed per forward pass; larger populations are split. Unset: 16384 on a "
+        "CPU; on CUDA derived from the memory left free after loading the model.",
     )
     max_projection_elements: int = Field(
         1 << 28, ge=1, description="Largest d * prod(shape) of a server-side projection (float32 elements)."
@@ -56,6 +66,13 @@ class Settings(BaseSettings):
         4_000_000, ge=1, description="Tokens of rendered examples x candidates in one request."
     )
     request_timeout_s: float = Field(300.0, gt=0, description="Longest an evaluation may run; then 504, not charged.")
+    max_classify_texts: int = Field(
+        256, ge=1, le=schemas.MAX_EXAMPLES, description="Texts per POST /v1/classify (each charged one call)."
+    )
+    max_classify_chars: int = Field(
+        8192, ge=1, le=schemas.MAX_TEXT_CHARS, description="Characters per text of POST /v1/classify."
+    )
+    max_prompts_per_key: int = Field(100, ge=1, description="Deployed prompts (POST /v1/prompts) one key may keep.")
 
     # Metering
     require_api_key: bool = Field(True, description="Every model endpoint needs `Authorization: Bearer <key>`.")

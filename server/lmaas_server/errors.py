@@ -53,3 +53,12 @@ class BudgetExhausted(APIError):
 class ModelNotReady(APIError):
     def __init__(self) -> None:
         super().__init__(ErrorCode.MODEL_NOT_READY, "the model is not loaded yet", headers={"Retry-After": "5"})
+
+
+class Overloaded(APIError):
+    """The accelerator ran out of memory for this request's rows even one at a time (after splitting the
+    batches it shared with other requests); refunded like every 5xx, retryable."""
+
+    def __init__(self, what: str = "this request") -> None:
+        super().__init__(ErrorCode.OVERLOADED, f"the server ran out of accelerator memory for {what}; retry later "
+                         "(nothing was charged)", headers={"Retry-After": "5"})  # fmt: skip

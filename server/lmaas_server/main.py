@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from lmaas_protocol import __version__
-from lmaas_server.api import admin, handlers
+from lmaas_server.api import admin, handlers, prompts
 from lmaas_server.api.middleware import BodyLimitMiddleware, InternalErrorMiddleware, RequestContextMiddleware
 from lmaas_server.api.routes import router, service_router
 from lmaas_server.api.schema import openapi
@@ -53,8 +53,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, m
     app.state.settings = settings
     app.state.engine = engine
     app.state.meter = meter
+    app.state.prompts = None  # a server without keys keeps deployed prompts in memory (api/deps.get_prompts)
     app.state.budget = CallBudget(settings.budget)  # the account of a server without keys
     app.include_router(router)
+    app.include_router(prompts.router)
     app.include_router(admin.router)
     app.include_router(service_router)
     app.openapi = lambda: openapi(app, settings)

@@ -30,6 +30,7 @@ LATENCY = Histogram(
 CALLS = Counter("lmaas_calls_charged_total", "API calls charged (settled)")
 TOKENS = Counter("lmaas_tokens_charged_total", "Tokens charged (settled)")
 BATCH_ROWS = Histogram("lmaas_forward_batch_rows", "Rows per forward pass", buckets=(1, 8, 32, 64, 128, 256, 512, 1024))
+OOM_SPLITS = Counter("lmaas_oom_splits_total", "Forward batches split in halves after running out of memory")
 QUEUE_DEPTH = Gauge("lmaas_queue_depth", "Jobs waiting for the forward worker", multiprocess_mode="livesum")
 CACHE_EVENTS = Counter("lmaas_cache_events_total", "Cache hits and misses", ["cache", "event"])
 

@@ -24,4 +24,5 @@ def load_model(settings: Settings) -> FrozenLM:
         dtype=settings.dtype,
         family=settings.family,
         cache_dir=settings.cache_dir,
+        device_map=settings.device_map,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -44,7 +45,8 @@ def test_create_tune_writes_every_file_and_exposes_result_and_prompt(live_server
     saved, meta = load_prompt(folder / "prompt.npz")
     assert meta["method"] == "bbt" and meta["seed"] == 42
     np.testing.assert_array_equal(saved.soft, run.best_prompt.soft)  # self-contained: A z computed here
-    assert Run.read_settings(folder) == (config(), server.url)
+    # run.json keeps the placement "auto" resolved to (suffix: the tiny llama is a causal LM)
+    assert Run.read_settings(folder) == (replace(config(), placement="suffix"), server.url)
 
 
 def test_resume_continues_as_an_uninterrupted_run(live_server, tmp_path):
@@ -63,3 +65,16 @@ def test_resume_continues_as_an_uninterrupted_run(live_server, tmp_path):
 def test_resume_without_a_run_folder_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         Run.resume(tmp_path)
+
+
+def test_the_select_option_reaches_the_run_train_selection_spends_no_dev_calls(live_server, tmp_path):
+    results = {}
+    with live_server("llama", budget=1000) as server, LMaaSClient(server.url) as client:
+        for mode in ("dev", "train"):
+            base = config(9)
+            chosen = RunConfig(**{**base.__dict__, "options": {**base.options, "select": mode}})
+            results[mode] = Run.create(tmp_path / mode, chosen, client).tune()
+    # the same search either way; "dev" pays 3 dev evaluations on top of the manual and final test scorings
+    assert results["dev"].best_train_loss == results["train"].best_train_loss
+    assert results["dev"].eval_calls - results["train"].eval_calls == 3
+    assert results["train"].best_dev_acc is None

@@ -59,3 +59,18 @@ def test_bbtv2_moves_to_the_next_layer_through_the_kernel():
     tuner.tell([float(i) for i in range(len(asked))])
     assert tuner.layer == 1 and tuner.strategy() is not first and tuner.best_z[0] is not None
     assert all(c.meta["tuned_layer"] == 1 for c in tuner.ask())
+
+
+@pytest.mark.parametrize("method", ["bbt", "bbtv2", "dept"])
+def test_diagonal_covariance_reaches_pycma_and_changes_the_search(method):
+    def second_generation(covariance: str) -> tuple[np.ndarray, object]:
+        tuner = make_tuner(method, fake_model(), **TINY[method], covariance=covariance)
+        for _ in range(2):
+            asked = tuner.ask()
+            tuner.tell(list(np.linspace(1.0, 2.0, len(asked))))
+        return np.array(tuner.strategy().ask()), tuner.strategy()
+
+    full, full_es = second_generation("full")
+    diagonal, diagonal_es = second_generation("diagonal")
+    assert diagonal_es.opts["CMA_diagonal"] is True and full_es.opts["CMA_diagonal"] is not True
+    assert not np.allclose(full, diagonal)  # same seed and losses; only the covariance model differs

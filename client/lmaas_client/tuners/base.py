@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmaas_client.prompts import PromptCandidate
+from lmaas_client.selection import SelectName
 from lmaas_protocol import ModelInfo
 from lmaas_protocol.scoring import LossName
 
@@ -36,6 +37,11 @@ class TunerConfig(BaseModel):
         description="Score each candidate after its own best class bias, fitted on the training logits the "
         "API returns anyway (zero calls); dev selection and test use the selected prompt's calibration, which "
         "prompt.npz keeps.",
+    )
+    select: SelectName = Field(
+        "dev",
+        description="Which best-so-far prompt the run hands over: dev (highest dev metric, BBT's way), dev-loss, "
+        "train+dev (lowest loss over both) or train (no dev calls: lowest training loss).",
     )
 
 

@@ -49,7 +49,8 @@ class BBTTuner(CMATuner):
             self.token_ids = placeholder_tokens(
                 config.init_tokens, config.init_token_offset, config.prompt_length, model.vocab_size
             )
-        self.es = cmaes.strategy(config.intrinsic_dim, config.sigma, config.popsize, config.seed, config.bound)
+        self.es = cmaes.strategy(config.intrinsic_dim, config.sigma, config.popsize, config.seed, config.bound,
+                                 config.covariance == "diagonal")  # fmt: skip
 
     def setup(self, context: TuneContext) -> None:
         if self.config.init_tokens != "instruction":

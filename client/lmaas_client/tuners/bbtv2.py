@@ -53,7 +53,14 @@ class BBTv2Tuner(CMATuner):
         stds = model.layer_std if len(model.layer_std) >= self.num_layers else [model.embedding_std] * self.num_layers
         self._set_specs(stds)
         self.strategies = [
-            cmaes.strategy(config.intrinsic_dim, config.sigma, config.popsize, config.seed * 1000 + i, config.bound)
+            cmaes.strategy(
+                config.intrinsic_dim,
+                config.sigma,
+                config.popsize,
+                config.seed * 1000 + i,
+                config.bound,
+                config.covariance == "diagonal",
+            )
             for i in range(self.num_layers)
         ]
         self.best_z: list[np.ndarray | None] = [None] * self.num_layers  # None: layer not tuned yet (adds nothing)

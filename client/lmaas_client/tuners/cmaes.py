@@ -25,8 +25,11 @@ class SeededGaussian:
         return self.rng.standard_normal(shape)
 
 
-def strategy(dim: int, sigma: float, popsize: int, seed: int, bound: float | None = None) -> cma.CMAEvolutionStrategy:
-    """CMA-ES from x0 = 0 with step size `sigma` and population `popsize` (BBT's settings)."""
+def strategy(
+    dim: int, sigma: float, popsize: int, seed: int, bound: float | None = None, diagonal: bool = False
+) -> cma.CMAEvolutionStrategy:
+    """CMA-ES from x0 = 0 with step size `sigma` and population `popsize` (BBT's settings); `diagonal`: pycma's
+    separable variant (a diagonal covariance for the whole run)."""
     options: dict[str, Any] = {
         "popsize": popsize,
         "randn": SeededGaussian(seed),
@@ -40,6 +43,8 @@ def strategy(dim: int, sigma: float, popsize: int, seed: int, bound: float | Non
     }
     if bound is not None:
         options["bounds"] = [-bound, bound]
+    if diagonal:
+        options["CMA_diagonal"] = True  # True: diagonal for the whole run (a number would mean "until iteration N")
     return cma.CMAEvolutionStrategy(np.zeros(dim), sigma, options)
 
 

@@ -60,7 +60,8 @@ class DePTTuner(CMATuner):
                                      dim=c.offset_b_dim, shape=[c.offset_rank, model.hidden_size])  # fmt: skip
         self.a_matrix, self.b_matrix = materialize(self.a_spec), materialize(self.b_spec)  # small: r*(s + hidden)*d
         self.token_ids = placeholder_tokens(c.init_tokens, c.init_token_offset, c.prompt_length, model.vocab_size)
-        self.es = cmaes.strategy(c.prompt_dim + c.offset_a_dim + c.offset_b_dim, c.sigma, c.popsize, c.seed, c.bound)
+        self.es = cmaes.strategy(c.prompt_dim + c.offset_a_dim + c.offset_b_dim, c.sigma, c.popsize, c.seed, c.bound,
+                                 c.covariance == "diagonal")  # fmt: skip
 
     def prompt(self, z: np.ndarray) -> PromptCandidate:
         c = self.config

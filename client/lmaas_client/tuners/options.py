@@ -18,6 +18,11 @@ class CMAOptions(BaseModel):
     popsize: int = Field(20, ge=3, le=1024, description="CMA-ES population: candidates per generation (>= 3).")
     sigma: float = Field(1.0, gt=0, description="CMA-ES initial step size.")
     bound: float | None = Field(None, gt=0, description="Box bound on z (the paper: 5); None = unbounded.")
+    covariance: Literal["full", "diagonal"] = Field(
+        "full",
+        description="full (the papers' CMA-ES) or diagonal (sep-CMA-ES: learns per-coordinate scales with "
+        "learning rates ~dim times larger, so it adapts within the few generations a small budget allows).",
+    )
 
 
 class ProjectedPromptOptions(BaseModel):

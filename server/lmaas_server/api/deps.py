@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -16,6 +17,7 @@ from lmaas_server.errors import APIError, ModelNotReady
 from lmaas_server.metering.accounts import Account, KeyAccount, Replayed
 from lmaas_server.metering.budget import CallBudget
 from lmaas_server.metering.meter import Key, Meter
+from lmaas_server.metering.prompt_store import PromptStore
 
 bearer = HTTPBearer(auto_error=False, description="An API key (`lmaas-server keys create`).")
 admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken", description="The server's admin token.")
@@ -38,6 +40,26 @@ def get_meter(request: Request) -> Meter:
     if meter is None:
         raise APIError(ErrorCode.NOT_FOUND, "this server runs without API keys (no metering database)")
     return meter
+
+
+_in_memory_lock = threading.Lock()
+
+
+def get_prompts(request: Request) -> PromptStore:
+    """The deployed prompts: the metering database's, or, on a server without keys, an in-memory store made at
+    first use (shared by every caller, lost at exit)."""
+    state = request.app.state
+    if state.meter is not None:
+        return state.meter.prompts
+    with _in_memory_lock:
+        if getattr(state, "prompts", None) is None:
+            state.prompts = PromptStore.in_memory(state.settings.max_prompts_per_key)
+        return state.prompts
+
+
+def owner_id(key: Key | None) -> int | None:
+    """Deployed prompts belong to the key that deployed them (shared on a server without keys)."""
+    return key.id if key is not None else None
 
 
 def get_key(request: Request, credentials: Credentials) -> Key | None:
@@ -102,3 +124,4 @@ KeyDep = Annotated[Key | None, Depends(get_key)]
 AccountDep = Annotated[Account, Depends(replay_first)]  # charged routes: replays answered first
 AdminDep = Depends(require_admin)
 RequestIdDep = Annotated[str, Depends(get_request_id)]
+PromptsDep = Annotated[PromptStore, Depends(get_prompts)]

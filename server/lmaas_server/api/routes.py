@@ -51,6 +51,11 @@ STATUSES = {
     "evaluate": (*KEYED, *BODY, 402, 404, 409, 410, 415, 504),
     "layer_std": (*KEYED, *BODY, 402, 404, 409, 410, 504),
     "usage": (*KEYED, 404),
+    "deploy": (*KEYED, *BODY, 415),
+    "list_prompts": KEYED,
+    "get_prompt": (*KEYED, 404),
+    "delete_prompt": (*KEYED, 404),
+    "classify": (*KEYED, *BODY, 402, 404, 409, 504),
 }
 
 

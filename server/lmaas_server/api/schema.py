@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from lmaas_protocol import EvaluateRequest, InputsSpec
+from lmaas_protocol import EvaluateRequest, InputsSpec, PromptSpec
 from lmaas_server.api.bodies import component_schemas
 from lmaas_server.config import Settings
 
@@ -19,7 +19,7 @@ def openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        components.update(component_schemas(EvaluateRequest, InputsSpec))
+        components.update(component_schemas(EvaluateRequest, InputsSpec, PromptSpec))
         publish_limits(components, settings)
         publish_rules(components)
         app.openapi_schema = schema
@@ -34,6 +34,7 @@ def published_caps(settings: Settings) -> dict[tuple[str, str], int]:
         ("EvaluateRequest", "examples"): settings.max_examples,
         ("InputsSpec", "examples"): settings.max_examples,
         ("Candidate", "prompt_token_ids"): settings.max_prompt_length,
+        ("ClassifyRequest", "texts"): settings.max_classify_texts,
     }
 
 
@@ -52,6 +53,12 @@ CROSS_FIELD_RULES = {
         "(P = len(prompt_token_ids) when given) and the model's hidden size as columns; embedding_offset.b "
         "has as many rows as embedding_offset.a has columns. A projected tensor's z has the spec's dim; a "
         "named projection must be in `projections`."
+    ),
+    "PromptSpec": (
+        "One name in `labels` per verbalizer class; calibration.bias has one value per class. The candidate "
+        "follows the EvaluateRequest rules, checked against the served model at upload (widths equal to its "
+        "hidden size, token ids below its vocabulary size, at most its layers, the template rendered with the "
+        "prompt); a misfit is a 422 naming the field."
     ),
 }
 
@@ -72,6 +79,11 @@ def publish_limits(components: dict[str, Any], settings: Settings) -> None:
         for variant in field.get("anyOf", [field]):  # optional arrays are anyOf [array, null]
             if variant.get("type") == "array":
                 variant["maxItems"] = min(cap, variant.get("maxItems", cap))
+    for name in ("text_a", "text_b"):  # the server's text length of classify, below the protocol's
+        field = components["ClassifyText"]["properties"][name]
+        for variant in field.get("anyOf", [field]):
+            if variant.get("type") == "string":
+                variant["maxLength"] = min(settings.max_classify_chars, variant.get("maxLength", 1 << 30))
     spec = components["ProjectionSpec"]
     spec["x-max-elements"] = settings.max_projection_elements
     spec["description"] = (

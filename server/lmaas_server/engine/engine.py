@@ -33,7 +33,7 @@ from lmaas_protocol import (
 )
 from lmaas_protocol.candidates import shape_of, spec_of
 from lmaas_protocol.templates import template_slots
-from lmaas_runtime import FrozenLM
+from lmaas_runtime import FrozenLM, memory
 from lmaas_runtime.prefix import compute_prefix, eligible
 from lmaas_runtime.probes import probe_inputs
 from lmaas_runtime.rendering import TemplateRenderer
@@ -43,6 +43,7 @@ from lmaas_server.config import Settings
 from lmaas_server.engine.bounds import check_bounds
 from lmaas_server.engine.checks import prefix_cache_matches
 from lmaas_server.engine.deadline import Deadline
+from lmaas_server.engine.deployed import Classifier
 from lmaas_server.engine.inputs_store import InputsStore, PreparedInputs, Variant
 from lmaas_server.engine.prompts import CandidateDecoder
 from lmaas_server.engine.scheduler import Job, Scheduler
@@ -66,9 +67,14 @@ class Engine:
         self.forward = loaded  # the runtime's model: `run(rows)` scores one batch on the scheduler's thread
         self.decoder = CandidateDecoder(loaded.device, loaded.dtype, settings.projection_cache_bytes)
         self.inputs = InputsStore(settings.max_input_handles, settings.input_cache_bytes)
-        self.scheduler = Scheduler(self.forward, settings.max_batch_tokens)
+        # unset: 16,384 on a CPU, on CUDA what the memory left free after loading allows
+        self.max_batch_tokens = settings.max_batch_tokens or memory.default_batch_tokens(loaded.model)
+        weight = memory.context_weight(loaded.model.config, loaded.dtype.itemsize)
+        self.scheduler = Scheduler(self.forward, self.max_batch_tokens, weight)
+        log.info("forward passes of at most %d tokens", self.max_batch_tokens)
         self.prefix_cache = self.causal and settings.prefix_cache and prefix_cache_matches(self)
         self.info = self._describe()
+        self.classifier = Classifier(self)  # POST /v1/classify with deployed prompts (deployed.py)
 
     def close(self) -> None:
         self.scheduler.close()
@@ -102,6 +108,8 @@ class Engine:
                 max_prompt_length=self.settings.max_prompt_length,
                 max_body_bytes=self.settings.max_body_bytes,
                 max_projection_elements=self.settings.max_projection_elements,
+                max_classify_texts=self.settings.max_classify_texts,
+                max_classify_chars=self.settings.max_classify_chars,
             ),
         )
 
@@ -150,6 +158,9 @@ class Engine:
             return False, "disabled on this server or unsupported by this model"
         if not eligible(rendered):
             return False, "the prompt comes first (prefix placement): no text before it to reuse"
+        if not self._prefix_fits(rendered):
+            return False, (f"the keys/values of this text would take {self._prefix_bytes(rendered) / 2**20:.0f} MiB, "
+                           f"more than the server's input cache ({self.settings.input_cache_bytes / 2**20:.0f} MiB)")  # fmt: skip
         return True, "the text before {prompt} is computed once; deep prompts reuse it too, embedding offsets do not"
 
     # ------------------------------------------------------------------------------------------- evaluate
@@ -212,7 +223,7 @@ class Engine:
     def layer_std(self, prepared: PreparedInputs) -> list[float]:
         """Per layer, the clipped std of the hidden states entering it, on these inputs (no prompt)."""
         rendered = prepared.variant(self.renderer, 0, 0).rendered
-        return self.scheduler.call(lambda: self.loaded.layer_std(rendered))
+        return self.scheduler.call(lambda: self.loaded.layer_std(rendered, self.max_batch_tokens))
 
     def measure_layer_std(
         self, request: LayerStdRequest, account: Account, owner: str | None = None
@@ -231,19 +242,26 @@ class Engine:
 
     def _use_prefix(self, variant: Variant, prompts: list[RowPrompt], reused: bool) -> bool:
         """Cached text pays off across requests (a handle) or across at least two candidates."""
-        if not (self.prefix_cache and eligible(variant.rendered)):
+        if not (self.prefix_cache and eligible(variant.rendered) and self._prefix_fits(variant.rendered)):
             return False
         cacheable = sum(not p.touches_text for p in prompts)
         return cacheable >= 2 or (reused and cacheable >= 1)
+
+    def _prefix_bytes(self, rendered) -> int:
+        """Bytes `compute_prefix` would keep for these examples, from the config: known before computing it."""
+        width = max(e.prompt_at for e in rendered)
+        return memory.prefix_bytes(self.loaded.model.config, self.loaded.dtype.itemsize, len(rendered), width)
+
+    def _prefix_fits(self, rendered) -> bool:
+        """A cache larger than the whole input cache is never computed (it would evict itself): plain path."""
+        return self._prefix_bytes(rendered) <= self.settings.input_cache_bytes
 
     def _rows(self, prepared, variant: Variant, prompts, logits: np.ndarray, use_prefix: bool) -> list[Row]:
         """Runs on the scheduler thread (computing the text cache is forward work too)."""
         if use_prefix:
             metrics.cache_event("prefix", hit=variant.prefix is not None)
         if use_prefix and variant.prefix is None:
-            variant.prefix = compute_prefix(
-                self.loaded.model, variant.rendered, self.pad_id, self.settings.max_batch_tokens
-            )
+            variant.prefix = compute_prefix(self.loaded.model, variant.rendered, self.pad_id, self.max_batch_tokens)
             self.inputs.enforce_bounds()
         rows = []
         for c, prompt in enumerate(prompts):

@@ -1,7 +1,8 @@
 """The meter: one metering database seen as its keys (admin, authentication) and its ledger (charges).
 
-`KeyStore` (keys.py, with rate limits in rate_limits.py) and `Ledger` (ledger.py) are the two halves; the
-meter hands requests to them and is what the app, the CLI and the admin routes hold.
+`KeyStore` (keys.py, with rate limits in rate_limits.py) and `Ledger` (ledger.py) are the two halves, plus
+the keys' deployed prompts (`PromptStore`, prompt_store.py); the meter hands requests to them and is what
+the app, the CLI and the admin routes hold.
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lmaas_server.metering.keys import Key, KeyStore, hash_key
 from lmaas_server.metering.ledger import Charge, Ledger
+from lmaas_server.metering.prompt_store import PromptStore
 
 __all__ = ["Charge", "Key", "Meter", "build_meter", "hash_key"]
 
 
 class Meter:
-    def __init__(self, sessions: sessionmaker[Session], replica: str, stale_after_s: float):
+    def __init__(
+        self, sessions: sessionmaker[Session], replica: str, stale_after_s: float, max_prompts_per_key: int = 100
+    ):
         self.sessions = sessions
         self.replica = replica
         self.keys = KeyStore(sessions)
         self.ledger = Ledger(sessions, replica, stale_after_s)
+        self.prompts = PromptStore(sessions, max_prompts_per_key)  # deployed prompts, per key
         # the admin and request side, named as the routes and the CLI call them
         self.create_key, self.list_keys, self.top_up = self.keys.create_key, self.keys.list_keys, self.keys.top_up
         self.revoke, self.authenticate = self.keys.revoke, self.keys.authenticate
@@ -43,4 +48,4 @@ def build_meter(settings) -> Meter:
     database = make_engine(settings.database_url)
     migrate(database)
     replica = settings.replica_id or f"{socket.gethostname()}:{settings.port}"
-    return Meter(session_factory(database), replica, settings.stale_reservation_s)
+    return Meter(session_factory(database), replica, settings.stale_reservation_s, settings.max_prompts_per_key)

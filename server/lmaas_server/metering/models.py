@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -56,3 +67,16 @@ class LedgerEntry(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)  # sha256 of the body (0002)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class DeployedPrompt(Base):
+    """A tuned prompt stored for POST /v1/classify (0003): shared by every replica, kept across restarts."""
+
+    __tablename__ = "prompts"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # pr_<hex>, derived from owner and content
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True, index=True)  # the owner
+    model: Mapped[str] = mapped_column(String(200))  # the served model it was checked against
+    summary: Mapped[str] = mapped_column(Text)  # JSON: name, labels, template, length, forms (listings read only this)
+    spec: Mapped[bytes] = mapped_column(LargeBinary)  # the PromptSpec as JSON (tensors as base64 little-endian)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

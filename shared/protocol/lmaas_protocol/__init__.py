@@ -3,6 +3,16 @@
 from lmaas_protocol.base import FieldError, WireModel, error_message, error_param
 from lmaas_protocol.bundle import BUNDLE_MEDIA_TYPE, BundleError, decode_bundle, encode_bundle, parse_bundle
 from lmaas_protocol.candidates import Candidate, LowRankOffset, PromptTensor
+from lmaas_protocol.deployed import (
+    Classification,
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassifyText,
+    PromptCalibration,
+    PromptInfo,
+    PromptList,
+    PromptSpec,
+)
 from lmaas_protocol.errors import HTTP_STATUS, ErrorCode
 from lmaas_protocol.metering import (
     KeyCreated,
@@ -68,6 +78,14 @@ __all__ = [
     "SLOTS",
     "Candidate",
     "CandidateResult",
+    "Classification",
+    "ClassifyRequest",
+    "ClassifyResponse",
+    "ClassifyText",
+    "PromptCalibration",
+    "PromptInfo",
+    "PromptList",
+    "PromptSpec",
     "ErrorCode",
     "ErrorDetail",
     "ErrorResponse",

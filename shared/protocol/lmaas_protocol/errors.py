@@ -20,6 +20,7 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"  # nothing was charged
     TIMEOUT = "timeout"  # the request ran past the server's request timeout; nothing was charged
     SHUTTING_DOWN = "shutting_down"  # the server is stopping; retry (another replica, or after the restart)
+    OVERLOADED = "overloaded"  # the accelerator ran out of memory even for this request alone; retry later
 
 
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -37,4 +38,5 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INTERNAL_ERROR: 500,
     ErrorCode.TIMEOUT: 504,
     ErrorCode.SHUTTING_DOWN: 503,
+    ErrorCode.OVERLOADED: 503,
 }

@@ -49,6 +49,10 @@ class ServerLimits(WireModel):
     max_projection_elements: int = Field(
         1 << 28, ge=1, le=MAX_PROJECTION_ELEMENTS, description="Largest d * prod(shape) of a server-side projection."
     )
+    max_classify_texts: int | None = Field(None, ge=1, le=MAX_EXAMPLES, description="Texts per POST /v1/classify.")
+    max_classify_chars: int | None = Field(
+        None, ge=1, le=MAX_TEXT_CHARS, description="Characters per text (text_a, text_b) of POST /v1/classify."
+    )
 
 
 class ModelInfo(WireModel):
@@ -245,7 +249,9 @@ class CandidateResult(WireModel):
 
 
 class Usage(WireModel):
-    calls: int = Field(ge=0, description="Calls charged: one per candidate evaluated over the examples.")
+    calls: int = Field(
+        ge=0, description="Calls charged: evaluate, one per candidate over the examples; classify, one per text."
+    )
     examples: int = Field(ge=0)
     tokens: int = Field(ge=0, description="Tokens processed (rendered examples x candidates).")
     budget_remaining: int | None = None

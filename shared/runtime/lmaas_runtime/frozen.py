@@ -59,7 +59,7 @@ class FrozenLM:
     @classmethod
     def load(cls, spec: str | None = None, *, max_length: int | None = None, **options: Any) -> FrozenLM:
         """Load and freeze `spec` (hub id, folder, .gguf; None: the offline default); `options` are
-        `loading.load_frozen`'s (gguf_file, device, dtype, family, cache_dir)."""
+        `loading.load_frozen`'s (gguf_file, device, dtype, family, cache_dir, device_map)."""
         loaded = load_frozen(spec, **options)
         return cls(loaded.model, loaded.tokenizer, loaded.name, loaded.family, max_length)
 
@@ -72,8 +72,10 @@ class FrozenLM:
             self._embedding_std = probes.embedding_std(self.embedding)
         return self._embedding_std
 
-    def layer_std(self, rendered: Sequence[RenderedExample]) -> list[float]:
-        return probes.layer_std(self.model, self.layers, rendered, self.pad_id)
+    def layer_std(
+        self, rendered: Sequence[RenderedExample], max_batch_tokens: int = probes.LAYER_STD_BATCH_TOKENS
+    ) -> list[float]:
+        return probes.layer_std(self.model, self.layers, rendered, self.pad_id, max_batch_tokens)
 
     def mismatch(self, info: ModelInfo, std_tolerance: float = 0.01) -> str | None:
         """Why this model is not the served one (None if it looks the same). Checks the architecture, sizes and

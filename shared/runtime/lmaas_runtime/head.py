@@ -62,10 +62,11 @@ class LabelHead:
         """Float32 logits [B, *ids.shape] of the tokens `ids` (any shape) from hidden states [B, H]."""
         import torch
 
-        weight = self.module.weight[ids.flatten()].float()  # [n, H]
+        flat = ids.flatten().to(self.module.weight.device)  # the head's device (device_map)
+        weight = self.module.weight[flat].float()  # [n, H]
         bias = getattr(self.module, "bias", None)
-        bias = bias[ids.flatten()].float() if isinstance(bias, torch.Tensor) else None
-        out = torch.nn.functional.linear(hidden.float(), weight, bias)  # [B, n]
+        bias = bias[flat].float() if isinstance(bias, torch.Tensor) else None
+        out = torch.nn.functional.linear(hidden.to(weight.device).float(), weight, bias)  # [B, n]
         return self._scaled(out).reshape(hidden.shape[0], *ids.shape)
 
     def _scaled(self, logits: torch.Tensor) -> torch.Tensor:
@@ -89,17 +90,20 @@ class LabelHead:
         head cannot be bypassed), switch to the model's head for good. Returns the mode kept (True: direct)."""
         import torch
 
-        if not self.direct:
+        weight = self.module.weight if self.direct else None
+        if weight is None or weight.device.type == "meta":  # offloaded (device_map): its weights come and go
+            self.direct = False
             return False
-        weight = self.module.weight
         generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, weight.shape[0], VERIFY_SHAPE, generator=generator).to(weight.device)
-        last = torch.full((VERIFY_SHAPE[0],), VERIFY_SHAPE[1] - 1, device=weight.device)
+        ids = torch.randint(0, weight.shape[0], VERIFY_SHAPE, generator=generator)  # [2, 8] random tokens
         try:
+            ids = ids.to(self.model.get_input_embeddings().weight.device)
+            last = torch.full((VERIFY_SHAPE[0],), VERIFY_SHAPE[1] - 1, device=ids.device)
             reference = self.model(input_ids=ids).logits[:, -1].float()  # [2, V], the model's own head
             self.positions = last
             self.model(input_ids=ids)
             ours = self.logits(self.hidden, torch.arange(weight.shape[0], device=weight.device))
+            reference = reference.to(ours.device)
         except Exception:  # a head that rejects zero positions: keep the model's own
             log.warning("the LM head cannot be bypassed; label logits come from it", exc_info=True)
             self.direct = False

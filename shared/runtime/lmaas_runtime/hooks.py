@@ -28,8 +28,10 @@ class DeepPromptHooks:
             if index not in self.additions:
                 return None
             rows, positions, values = self.additions[index]
-            hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, H] in the served dtype
-            hidden = hidden.index_put((rows, positions), values.to(hidden.dtype), accumulate=True)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            # each layer on its own device (device_map): the additions go where its input is, in its dtype
+            where = (rows.to(hidden.device), positions.to(hidden.device))
+            hidden = hidden.index_put(where, values.to(hidden.device, hidden.dtype), accumulate=True)
             if args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
@@ -47,7 +49,7 @@ def capture_layer_inputs(layers: Sequence[torch.nn.Module], keep: torch.Tensor) 
     def capture(index: int):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            captured[index] = hidden[keep].float()
+            captured[index] = hidden[keep.to(hidden.device)].float()  # layers may sit on several devices
 
         return hook
 

@@ -8,6 +8,7 @@ by the config, through transformers' own head mappings.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Family = Literal["masked", "causal"]
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass
@@ -55,9 +57,15 @@ def load_frozen(
     dtype: str = "float32",
     family: str = "auto",
     cache_dir: str | Path | None = None,
+    device_map: str | None = None,
 ) -> Loaded:
-    """Resolve `spec` (None: the offline default), load it on `device` as `dtype` ("auto": bfloat16 or float16
-    on CUDA; on CPU bfloat16 where it has bfloat16 instructions, else float32) and freeze it."""
+    """Resolve `spec` (None: the offline default), load it on `device` as `dtype` ("auto": see `pick_dtype`)
+    and freeze it.
+
+    Weights load straight onto their device (no detour through host memory). `device_map` spreads a model
+    too large for one device over several: "auto", "balanced", "sequential" (accelerate fills the GPUs, then
+    host memory, then disk under ``<cache_dir>/offload``) or a JSON object of module name -> device.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     try:
@@ -71,11 +79,40 @@ def load_frozen(
     config = AutoConfig.from_pretrained(source.path)
     chosen: Family = detect_family(config) if family == "auto" else family  # type: ignore[assignment]
     auto_class = AutoModelForMaskedLM if chosen == "masked" else AutoModelForCausalLM
-    log.info("loading %s (%s LM) on %s as %s", source.name, chosen, torch_device, torch_dtype)
-    model = auto_class.from_pretrained(source.path, dtype=torch_dtype).to(torch_device)
+    placement = parse_device_map(device_map) if device_map else {"": str(torch_device)}
+    log.info("loading %s (%s LM) on %s as %s", source.name, chosen, device_map or torch_device, torch_dtype)
+    offload = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
+    model = with_sdpa(auto_class.from_pretrained, source.path, dtype=torch_dtype, device_map=placement,
+                      offload_folder=str(offload / "offload"))  # fmt: skip
+    if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1:
+        log.info("layers placed on %s", sorted({str(d) for d in model.hf_device_map.values()}))
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     freeze(model)
-    return Loaded(source.name, chosen, model, tokenizer, torch_device, torch_dtype)
+    return Loaded(source.name, chosen, model, tokenizer, model.get_input_embeddings().weight.device, torch_dtype)
+
+
+def parse_device_map(setting: str) -> str | dict[str, Any]:
+    """ "auto", "balanced", "balanced_low_0", "sequential", or a JSON object {module name: device}."""
+    if setting.lstrip().startswith("{"):
+        try:
+            placement = json.loads(setting)
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"device_map is not valid JSON: {exc}") from exc
+        if not isinstance(placement, dict):
+            raise ModelError("device_map must be a JSON object of module name -> device")
+        return placement
+    if setting not in DEVICE_MAP_STRATEGIES:
+        raise ModelError(f"device_map {setting!r}: use one of {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON object")
+    return setting
+
+
+def with_sdpa(load, path: str, **options: Any) -> torch.nn.Module:
+    """Load with PyTorch's fused scaled-dot-product attention; a model without it gets its own default."""
+    try:
+        return load(path, attn_implementation="sdpa", **options)
+    except (ValueError, ImportError) as exc:  # "does not support an attention implementation through sdpa"
+        log.info("no SDPA attention for this model (%s); using its default", exc)
+        return load(path, **options)
 
 
 def detect_family(config: transformers.PretrainedConfig) -> Family:
@@ -100,8 +137,10 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting != "auto":
         return getattr(torch, setting)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # CPUs with bfloat16 instructions: about 2x faster per call, the same SST-2 accuracy (BENCHMARKS.md)
+        # bfloat16 where the GPU computes it natively (compute capability 8.0+); else float32, not float16,
+        # whose range many models overflow (every candidate would then get a 422 that blames the client)
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float32
+    # CPUs with bfloat16 instructions: about 2x less CPU per call, the same SST-2 accuracy (BENCHMARKS.md)
     return torch.bfloat16 if cpu_native_bf16() else torch.float32
 
 

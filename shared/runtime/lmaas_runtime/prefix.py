@@ -91,8 +91,9 @@ def gather_prefix(
     layers = range(len(rows[0][0].keys))
     if len(indexed) == 1:  # one example set (the usual case): a gather per layer, already `width` wide
         prefix, _, index = indexed[0]
-        keys = [prefix.keys[layer].index_select(0, index) for layer in layers]
-        values = [prefix.values[layer].index_select(0, index) for layer in layers]
+        # each layer's cache on its own device (device_map may spread layers over several); .to is free otherwise
+        keys = [prefix.keys[layer].index_select(0, index.to(prefix.keys[layer].device)) for layer in layers]
+        values = [prefix.values[layer].index_select(0, index.to(prefix.values[layer].device)) for layer in layers]
         lengths = prefix.lengths.index_select(0, index)
     else:
         keys = [_stack([(p.keys[layer], m, i) for p, m, i in indexed], len(rows), width) for layer in layers]
@@ -106,9 +107,9 @@ def gather_prefix(
 
 def _stack(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], count: int, width: int) -> torch.Tensor:
     """One layer's [B, kv_heads, width, head_dim] from each example set's cached tensor (with the batch rows it
-    fills and its own rows), zero-padded to `width`."""
+    fills and its own rows), zero-padded to `width`; on the layer's device (device_map may spread layers)."""
     first = parts[0][0]
     stacked = first.new_zeros((count, first.shape[1], width, first.shape[3]))
     for source, members, index in parts:
-        stacked[members, :, : source.shape[2]] = source.index_select(0, index)
+        stacked[members.to(first.device), :, : source.shape[2]] = source.index_select(0, index.to(source.device))
     return stacked

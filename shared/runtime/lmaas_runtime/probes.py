@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 
 EMBEDDING_STD_CHUNK = 8192  # vocabulary rows embedded at a time when measuring the embedding std
 CLIP_ROUNDS, CLIP_SIGMAS = 5, 3.0  # BBTv2's outlier clipping before taking a layer's std
+LAYER_STD_BATCH_TOKENS = 16384  # padded tokens per pass when measuring layer stds
+LAYER_STD_VALUES = 1 << 22  # float32 values kept per layer (16 MiB, host memory); a subsample beyond
 
 # A fixed, varied probe set: the hidden-state statistics of ModelInfo.layer_std are measured on it.
 PROBE_TEXTS = (
@@ -85,26 +88,67 @@ def clipped_std(values: torch.Tensor) -> float:
 
 @inference_mode
 def layer_std(
-    model: torch.nn.Module, layers: Sequence[torch.nn.Module], rendered: Sequence[RenderedExample], pad_id: int
+    model: torch.nn.Module,
+    layers: Sequence[torch.nn.Module],
+    rendered: Sequence[RenderedExample],
+    pad_id: int,
+    max_batch_tokens: int = LAYER_STD_BATCH_TOKENS,
+    max_values: int = LAYER_STD_VALUES,
 ) -> list[float]:
-    """Clipped std of the hidden states entering each layer, over the real tokens of `rendered`."""
+    """Clipped std of the hidden states entering each layer, over the real tokens of `rendered`.
+
+    Bounded memory: the examples run in passes of at most `max_batch_tokens` padded tokens, and each layer's
+    values move to host memory after each pass, at most `max_values` per layer: beyond that every k-th real
+    token is kept (a uniform subsample; exact below it, e.g. 32 examples x 100 tokens x hidden 1024).
+    """
     import torch
 
-    width = max(len(e.ids) for e in rendered)
-    ids = torch.full((len(rendered), width), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    for b, example in enumerate(rendered):
-        ids[b, : len(example.ids)] = torch.tensor(example.ids)
-        attention[b, : len(example.ids)] = 1
     device = model.get_input_embeddings().weight.device
-    real = attention.bool().to(device)
-    captured, handles = capture_layer_inputs(layers, real)
-    try:
-        model.base_model(input_ids=ids.to(device), attention_mask=attention.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    # Entry 0 is where deep_prompt[0] is added: the word embeddings themselves (before any position
-    # embeddings or normalization that the input of layer 0 already contains).
-    captured[0] = model.get_input_embeddings()(ids.to(device))[real].float()
-    return [clipped_std(captured[i]) for i in range(len(layers))]
+    hidden = int(model.get_input_embeddings().weight.shape[1])
+    stride = max(1, math.ceil(sum(len(e.ids) for e in rendered) * hidden / max_values))
+    kept: list[list[torch.Tensor]] = [[] for _ in layers]
+    seen = 0  # real tokens of earlier passes: each token's global index decides whether it is kept
+    for chunk in _passes(rendered, max_batch_tokens):
+        ids, attention = _padded([e.ids for e in chunk], pad_id)
+        real = attention.bool()
+        index = seen + real.flatten().cumsum(0).reshape(real.shape) - 1  # [B, T] global index of real tokens
+        keep = (real & (index % stride == 0)).to(device)
+        seen += int(real.sum())
+        captured, handles = capture_layer_inputs(layers, keep)
+        try:
+            model.base_model(input_ids=ids.to(device), attention_mask=attention.to(device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        # Entry 0 is where deep_prompt[0] is added: the word embeddings themselves (before any position
+        # embeddings or normalization that the input of layer 0 already contains).
+        captured[0] = model.get_input_embeddings()(ids.to(device))[keep].float()
+        for i, values in enumerate(kept):
+            values.append(captured[i].cpu())  # [kept tokens, hidden] float32, off the accelerator
+    return [clipped_std(torch.cat(values)) for values in kept]
+
+
+def _passes(rendered: Sequence[RenderedExample], max_batch_tokens: int) -> Iterator[list[RenderedExample]]:
+    """Consecutive examples cut so that rows x the longest <= max_batch_tokens (at least one row a pass)."""
+    chunk: list[RenderedExample] = []
+    for example in rendered:
+        widest = max([len(example.ids), *(len(e.ids) for e in chunk)])
+        if chunk and (len(chunk) + 1) * widest > max_batch_tokens:
+            yield chunk
+            chunk = []
+        chunk.append(example)
+    if chunk:
+        yield chunk
+
+
+def _padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask [B, T] (on the CPU)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention[b, : len(row)] = 1
+    return ids, attention

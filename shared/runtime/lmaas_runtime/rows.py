@@ -39,6 +39,11 @@ class RowPrompt:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.soft, self.offset, *self.deep.values()) if t is not None]
 
+    def finite(self) -> bool:
+        """False when projecting or multiplying finite inputs overflowed (one device sync; a population: use
+        `first_overflow`)."""
+        return first_overflow([self]) is None
+
 
 def first_overflow(prompts: Sequence[RowPrompt]) -> int | None:
     """Index of the first prompt with an Inf or NaN (projecting or multiplying finite inputs overflowed, e.g. a
@@ -74,13 +79,14 @@ class Verbalizer:
 
     def __call__(self, vocab_logits: torch.Tensor) -> torch.Tensor:
         """[B, V] -> [B, C]: a class's logit is the logsumexp of its label words' logits."""
-        return self.reduce(vocab_logits[:, self.index])
+        return self.reduce(vocab_logits[:, self.index.to(vocab_logits.device)])  # the head's device
 
     def reduce(self, word_logits: torch.Tensor) -> torch.Tensor:
         """[B, C, W] logits of `index`'s words -> [B, C] (the logsumexp over each class's words)."""
         import torch
 
-        return torch.logsumexp(word_logits.masked_fill(~self.valid, float("-inf")), dim=-1)
+        valid = self.valid.to(word_logits.device)  # the head's device (device_map)
+        return torch.logsumexp(word_logits.masked_fill(~valid, float("-inf")), dim=-1)
 
 
 @dataclass(eq=False)
@@ -99,21 +105,33 @@ class Row:
 
     @property
     def cost(self) -> int:
-        """Token slots the row occupies in a batch (prefix-cache rows also attend over the cached text)."""
+        """Tokens the row computes: all of them (plain) or those from the prompt slot on (prefix cache)."""
         if self.prefix is None:
             return self.example.length(self.prompt.length)
-        return self.example.length(self.prompt.length) - self.example.prompt_at + self.prefix.width
+        return self.example.length(self.prompt.length) - self.example.prompt_at
+
+    @property
+    def context(self) -> int:
+        """Cached positions the row attends over without computing them (its prefix's padded width)."""
+        return 0 if self.prefix is None else self.prefix.width
 
 
-def batches(rows: Sequence[Row], max_batch_tokens: int) -> Iterator[list[Row]]:
-    """Rows of one path, sorted by cost and cut so rows x costliest <= max_batch_tokens (less padding)."""
+def batches(rows: Sequence[Row], max_batch_tokens: int, context_weight: float = 0.5) -> Iterator[list[Row]]:
+    """Rows of one path, sorted by cost and cut so that rows x (most computed tokens + `context_weight` x
+    widest cached context) <= max_batch_tokens (less padding).
+
+    Batches are sized by the tokens they compute; a cached position costs only the memory of its gathered
+    keys/values, `context_weight` of a computed token's (`memory.context_weight` from the model config).
+    """
     for cached in (False, True):
-        ordered = sorted((r for r in rows if (r.prefix is not None) == cached), key=lambda r: r.cost)
+        ordered = sorted((r for r in rows if (r.prefix is not None) == cached), key=lambda r: (r.cost, r.context))
         batch: list[Row] = []
+        cost = context = 0
         for row in ordered:
-            if batch and (len(batch) + 1) * row.cost > max_batch_tokens:
+            cost, context = max(cost, row.cost), max(context, row.context)
+            if batch and (len(batch) + 1) * (cost + context_weight * context) > max_batch_tokens:
                 yield batch
-                batch = []
+                batch, cost, context = [], row.cost, row.context
             batch.append(row)
         if batch:
             yield batch

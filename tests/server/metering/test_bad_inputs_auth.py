@@ -194,6 +194,11 @@ BAD = {
     "missing-key-tokenize": Bad(call("POST", "/v1/tokenize", None, {"texts": ["a"]}), 401, "unauthorized"),
     "missing-key-inputs": Bad(call("POST", "/v1/inputs", None, {"template": "x"}), 401, "unauthorized"),
     "missing-key-layer-std": Bad(call("POST", "/v1/layer_std", None, {"inputs": "inp_x"}), 401, "unauthorized"),
+    "missing-key-prompts": Bad(call("GET", "/v1/prompts", None), 401, "unauthorized", headers=BEARER),
+    "missing-key-deploy": Bad(call("POST", "/v1/prompts", None, {"template": "x"}), 401, "unauthorized"),
+    "missing-key-classify": Bad(
+        call("POST", "/v1/classify", None, {"prompt": "pr_x", "texts": [{"text_a": "a"}]}), 401, "unauthorized"
+    ),
     "basic-auth-instead-of-bearer": Bad(evaluate("Basic dXNlcjpwYXNz"), 401, "unauthorized", headers=BEARER),
     "empty-bearer": Bad(evaluate("Bearer"), 401, "unauthorized"),
     "unknown-key": Bad(evaluate("Bearer lmaas_unknown1_" + "x" * 43), 401, "unauthorized", headers=BEARER),

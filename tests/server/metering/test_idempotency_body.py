@@ -54,7 +54,8 @@ def test_the_meter_compares_hashes_only_where_both_are_known(database: Database)
 
 
 def test_the_migration_adds_the_hash_to_a_database_at_0001(database: Database, tmp_path):
-    """Downgrade a fresh database to 0001 with a settled row in it, then migrate again: the row keeps working."""
+    """Downgrade a fresh database to 0001 with a settled row in it, then migrate again (to the newest revision):
+    the row keeps working."""
     engine = make_engine(database.url)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
@@ -76,7 +77,7 @@ def test_the_migration_adds_the_hash_to_a_database_at_0001(database: Database, t
     migrate(engine)
     with engine.connect() as connection:
         columns = {c["name"] for c in sa.inspect(connection).get_columns("ledger")}
-        assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0003"
     assert "request_hash" in columns
     meter = Meter(session_factory(engine), "r", 900.0)
     assert meter.replay(Key(key_id, "lmaas_old"), "old-key", "/v1/evaluate", "d" * 64) == b"old answer"

@@ -427,7 +427,7 @@ def test_processes_starting_together_on_a_new_database_all_migrate_it(backend, t
             assert answers == ["ok"] * processes, f"round {round_}: {answers}"
             engine = sa.create_engine(normalize_url(url))
             with engine.connect() as connection:
-                assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+                assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0003"
                 assert connection.execute(sa.text("SELECT count(*) FROM api_keys")).scalar() == 0
             engine.dispose()
     finally:
