@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from lmaas_runtime.deep_reuse import LayerReuse
 from lmaas_runtime.hooks import DeepPromptHooks, LabelPositionHook
 from lmaas_runtime.lazy import inference_mode
 from lmaas_runtime.prefix import gather_prefix
@@ -44,6 +45,7 @@ class Forward:
         if head is not None:  # else the logits of every position come back and are gathered below
             head.register_forward_pre_hook(self.label_hook)
         self.deep_hooks = DeepPromptHooks(layers)
+        self.layer_reuse = LayerReuse(model, layers)  # deep prompts shared below a layer run it once (deep_reuse.py)
 
     @inference_mode
     def run(self, batch: Sequence[Row]) -> None:
@@ -69,7 +71,8 @@ class Forward:
         self.deep_hooks.additions = self._deep_additions(batch, starts)
         self.label_hook.positions = torch.tensor(label_at, device=self.device)
         try:
-            logits = self.model(inputs_embeds=embeds, **kwargs).logits
+            with self.layer_reuse.reusing(batch, embeds, kwargs, self.deep_hooks):
+                logits = self.model(inputs_embeds=embeds, **kwargs).logits
         finally:
             self.label_hook.positions = None
             self.deep_hooks.additions = {}
