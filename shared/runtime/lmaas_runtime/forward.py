@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lmaas_runtime.deep_reuse import LayerReuse
 from lmaas_runtime.head import LabelHead
 from lmaas_runtime.hooks import DeepPromptHooks
 from lmaas_runtime.lazy import inference_mode
@@ -47,6 +48,7 @@ class Forward:
         self.device = self.embedding.weight.device
         self.head = LabelHead(model)
         self.deep_hooks = DeepPromptHooks(layers)
+        self.layer_reuse = LayerReuse(model, layers)  # deep prompts shared below a layer run it once (deep_reuse.py)
 
     @inference_mode
     def run(self, batch: Sequence[Row]) -> None:
@@ -87,7 +89,8 @@ class Forward:
         self.deep_hooks.additions = self._deep_additions(batch, starts)
         self.head.positions = torch.tensor(label_at, device=self.device)
         try:
-            logits = self.model(inputs_embeds=embeds, **kwargs).logits
+            with self.layer_reuse.reusing(batch, embeds, kwargs, self.deep_hooks):
+                logits = self.model(inputs_embeds=embeds, **kwargs).logits
             hidden = self.head.hidden if self.head.direct else None
         finally:
             self.head.reset()
