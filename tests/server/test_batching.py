@@ -59,28 +59,34 @@ def wait_for_queue(engine, depth: int) -> None:
         time.sleep(0.002)
 
 
-def evaluate_together(engine, requests, budgets, spy) -> dict[int, object]:
-    """Request 0 first (held inside its forward by `spy`), then the others queue up and share the next round;
-    each request's logits, or the exception it raised, by index."""
+def run_together(engine, spy, calls, timeout: float = 30) -> dict[int, object]:
+    """calls[0] first (held inside its forward by `spy`), then the others queue up and share the next round;
+    each call's result, or the exception it raised, by index."""
     results: dict[int, object] = {}
 
     def call(i: int) -> None:
         try:
-            results[i] = engine_logits(engine.evaluate(requests[i], budgets[i]))
+            results[i] = calls[i]()
         except BaseException as exc:
             results[i] = exc
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
     threads[0].start()
     assert spy.entered.wait(30)
     for thread in threads[1:]:
         thread.start()
-    wait_for_queue(engine, len(requests) - 1)
+    wait_for_queue(engine, len(calls) - 1)
     spy.release.set()
     for thread in threads:
-        thread.join(30)
+        thread.join(timeout)
         assert not thread.is_alive()
     return results
+
+
+def evaluate_together(engine, requests, budgets, spy) -> dict[int, object]:
+    """`run_together` of engine evaluations: each request's logits, or its exception."""
+    calls = [lambda i=i: engine_logits(engine.evaluate(requests[i], budgets[i])) for i in range(len(requests))]
+    return run_together(engine, spy, calls)
 
 
 def batching_requests(engine) -> list[EvaluateRequest]:
@@ -159,26 +165,13 @@ def test_concurrent_http_clients_share_forward_passes(live_server, engines, monk
         with httpx.Client(base_url=server.url) as client:
             alone = [logits_of(client.post("/v1/evaluate", content=b, headers=headers).json()) for b in bodies]
         spy = BlockFirstForward(engine, monkeypatch)
-        results: dict[int, object] = {}
 
-        def call(i: int) -> None:
-            try:
-                with httpx.Client(base_url=server.url, timeout=60) as own:
-                    response = own.post("/v1/evaluate", content=bodies[i], headers=headers)
-                    results[i] = logits_of(response.json()) if response.status_code == 200 else response.text
-            except BaseException as exc:
-                results[i] = exc
+        def post(i: int) -> object:
+            with httpx.Client(base_url=server.url, timeout=60) as own:
+                response = own.post("/v1/evaluate", content=bodies[i], headers=headers)
+                return logits_of(response.json()) if response.status_code == 200 else response.text
 
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
-        threads[0].start()
-        assert spy.entered.wait(30)
-        for thread in threads[1:]:
-            thread.start()
-        wait_for_queue(engine, len(bodies) - 1)
-        spy.release.set()
-        for thread in threads:
-            thread.join(60)
-            assert not thread.is_alive()
+        results = run_together(engine, spy, [lambda i=i: post(i) for i in range(len(bodies))], timeout=60)
     for i, expected in enumerate(alone):
         assert isinstance(results[i], np.ndarray), results[i]
         np.testing.assert_allclose(results[i], expected, atol=1e-5)
