@@ -5,7 +5,8 @@ through the served path (registered inputs, suffix placement, prefix cache where
 on), in each dtype; plus the decisions that differ between the dtypes and the largest class-logit difference.
 Speed: seconds per call (one candidate on the 32 training examples of split 16-42) on the cached suffix path
 (server-side projection, 20 candidates per request, as `bench_serving.py` setup 3) and on the prefix placement
-(no cache, raw prompts), the dtypes' engines called alternately in one process so that load on a shared
+(no cache, raw prompts) and for DePT (4 candidates of its default shapes per request: the offset changes the
+text's embeddings, so no cache applies), the dtypes' engines called alternately in one process so that load on a shared
 machine hits both alike. CPU seconds (all threads) are reported next to wall seconds for that reason.
 
     python bench/bench_dtype.py [--prompt bench/results/calib/smollm2/sst2/bbt-13/prompt.npz]
@@ -35,6 +36,7 @@ from lmaas_protocol import (  # noqa: E402
     Candidate,
     EvaluateRequest,
     InputsSpec,
+    LowRankOffset,
     Projected,
     ProjectionSpec,
     Tensor,
@@ -86,6 +88,22 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
+SETUPS = ("cached_suffix", "prefix_no_cache", "dept")
+
+
+def dept_candidates(info, count: int) -> list[Candidate]:
+    """DePT's default shapes (client tuners/dept.py): an 8-token soft prompt plus a rank-4 offset of the first 128
+    text positions, a [128, 4] and b [4, hidden], elements at about half the embedding std."""
+    rng = np.random.default_rng(1)
+    std, hidden = info.embedding_std, info.hidden_size
+
+    def tensor(scale: float, shape: tuple[int, int]) -> Tensor:
+        return Tensor.from_numpy(rng.normal(0, scale, shape).astype(np.float32))
+
+    offset = lambda: LowRankOffset(a=tensor(1.0, (128, 4)), b=tensor(std / 8, (4, hidden)), scale=4.0)  # noqa: E731
+    return [Candidate(soft_prompt=tensor(std, (8, hidden)), embedding_offset=offset()) for _ in range(count)]
+
+
 def speed(engines: dict[str, Engine], task, train, candidates: int, repeats: int) -> dict:
     """Seconds per call (per candidate), wall and CPU, the dtypes alternating call by call."""
     any_engine = next(iter(engines.values()))
@@ -95,6 +113,7 @@ def speed(engines: dict[str, Engine], task, train, candidates: int, repeats: int
     zs = np.random.default_rng(0).standard_normal((candidates, INTRINSIC_DIM))
     projected = [Candidate(soft_prompt=Projected(z=Tensor.from_numpy(z, dtype="float32"), projection="p")) for z in zs]
     raw = Candidate(soft_prompt=Tensor.from_numpy(project(zs[0], materialize(spec), spec).astype(np.float32)))
+    dept = dept_candidates(info, min(candidates, 4))
     requests = {}
     for dtype, engine in engines.items():
         suffix = InputsSpec(template=task.template("causal", "suffix"), examples=train,
@@ -104,9 +123,11 @@ def speed(engines: dict[str, Engine], task, train, candidates: int, repeats: int
             "cached_suffix": (EvaluateRequest(inputs=handle, candidates=projected, projections={"p": spec}), candidates),
             "prefix_no_cache": (EvaluateRequest(template=task.template("causal", "prefix"), examples=train,
                                                 verbalizer=verbalizer_of(engine, task), candidates=[raw]), 1),
+            # DePT's offset changes the text's embeddings, so no cached keys/values apply (the uncached path)
+            "dept": (EvaluateRequest(inputs=handle, candidates=dept), len(dept)),
         }  # fmt: skip
     results: dict = {}
-    for setup in ("cached_suffix", "prefix_no_cache"):
+    for setup in SETUPS:
         samples: dict[str, list[tuple[float, float]]] = {d: [] for d in engines}
         for round_ in range(repeats + 1):  # round 0 warms up (and builds the text cache)
             for dtype, engine in engines.items():
@@ -178,13 +199,13 @@ def main() -> None:
 
 def markdown(report: dict, dtypes: list[str]) -> str:
     lines = ["| dtype | prefix cache | manual prompt acc | tuned prompt acc | cached suffix s/call (CPU s) | "
-             "prefix, no cache s/call (CPU s) |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "prefix, no cache s/call (CPU s) | DePT s/call (CPU s) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for d in dtypes:
         acc = report["accuracy"].get(d, {}).get("accuracy", [float("nan")] * 2)
         speed_of = {k: report["speed"][k][d] for k in report["speed"]}
         cells = [f"{s['wall_s_per_call']:.3f} ({s['cpu_s_per_call']:.3f})" for s in speed_of.values()]
         lines.append(f"| {d} | {'on' if report['engines'][d]['prefix_cache'] else 'off'} | {100 * acc[0]:.2f} | "
-                     f"{100 * acc[1]:.2f} | {cells[0]} | {cells[1]} |")  # fmt: skip
+                     f"{100 * acc[1]:.2f} | {' | '.join(cells)} |")  # fmt: skip
     return "\n".join(lines)
 
 
