@@ -32,7 +32,7 @@ from lmaas_client.calibration import Calibration
 from lmaas_client.client import LMaaSClient
 from lmaas_client.context import TuneContext
 from lmaas_client.errors import BudgetExhaustedError
-from lmaas_client.evaluation import NO_PROMPT, TaskScorer
+from lmaas_client.evaluation import NO_PROMPT, Scores, TaskScorer
 from lmaas_client.plots import plot_curve
 from lmaas_client.prompt_io import save_prompt
 from lmaas_client.prompts import PromptCandidate
@@ -239,7 +239,11 @@ class Run:
                 lambda: self.scorer.score(test, [NO_PROMPT], cached=True, key=self._key("manual"))[0]
             )
             # the calibrated manual prompt: the zero-tuning baseline every run reports (one call on train)
-            state.manual_calibrated_test = self._calibrated_manual(manual.logits)
+            train = self._counted(lambda: self.scorer.score(self.data.train, [NO_PROMPT], cached=True, calibrate=True,
+                                                            key=self._key("mcal"))[0])  # fmt: skip
+            state.manual_calibrated_test = self._calibrated_manual(train, manual.logits)
+            if getattr(self.tuner.config, "manual_floor", False):
+                self._counted(lambda: self._manual_floor(train))
             state.manual_test = manual.metric
         self._search(start)
         self.best_prompt = chosen = self._chosen()
@@ -257,16 +261,20 @@ class Run:
         return self.scorer.score(self.data.test, [chosen], cached=True, calibration=calibration,
                                  key=self._key(step))[0].metric  # fmt: skip
 
-    def _calibrated_manual(self, test_logits) -> float:
-        """The manual prompt after a bias fitted on its training logits (one call, counted as an eval call)."""
-        train = self._counted(
-            lambda: self.scorer.score(self.data.train, [NO_PROMPT], cached=True, calibrate=True, key=self._key("mcal"))[
-                0
-            ]
-        )
+    def _calibrated_manual(self, train: Scores, test_logits) -> float:
+        """The manual prompt's test metric after the bias fitted on its training logits (`train`)."""
         self.state.manual_calibration = train.calibration.to_json()  # type: ignore[union-attr]
         labels = np.array([e.label for e in self.data.test])
         return scoring.score(self.task.metric, train.calibration.apply(test_logits), labels)  # type: ignore[union-attr]
+
+    def _manual_floor(self, train: Scores) -> None:
+        """Put the manual prompt (with its training-set bias when the run calibrates) into dev selection first:
+        a tuned prompt must then beat it strictly on dev to be handed over (one dev call)."""
+        calibration = train.calibration if self._calibrating else None
+        labels = np.array([e.label for e in self.data.train])
+        logits = calibration.apply(train.logits) if calibration is not None else train.logits
+        train_loss = scoring.loss(self.tuner.config.loss, logits, labels, self.task.metric)  # for select=train+dev
+        self.selection.consider(NO_PROMPT, calibration, self._key("devmanual"), train_loss)
 
     def _search(self, start: float) -> None:
         """ask -> score on train (one call per candidate) -> tell, until the budget is spent."""

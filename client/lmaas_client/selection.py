@@ -55,6 +55,14 @@ class DevSelection:
         if candidate is self._last_scored:
             return
         self._last_scored = candidate
+        self.consider(candidate, calibration, key, train_loss)
+
+    def consider(self, candidate: PromptCandidate, calibration: Calibration | None, key: str | None,
+                 train_loss: float | None) -> None:  # fmt: skip
+        """Score `candidate` on dev now, outside the schedule (the manual floor: scored first, it keeps its place
+        unless a later prompt beats it strictly)."""
+        if self.mode == "train":
+            return
         scores = self.scorer.score(self.dev, [candidate], self.loss, cached=True, calibration=calibration, key=key)[0]
         ranked = self._key(scores.metric, scores.loss, train_loss)
         if self.best_key is None or ranked > self.best_key:

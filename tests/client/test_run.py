@@ -78,3 +78,26 @@ def test_the_select_option_reaches_the_run_train_selection_spends_no_dev_calls(l
     assert results["dev"].best_train_loss == results["train"].best_train_loss
     assert results["dev"].eval_calls - results["train"].eval_calls == 3
     assert results["train"].best_dev_acc is None
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_the_manual_floor_adds_one_dev_call_and_hands_over_the_manual_prompt_unless_beaten(
+    live_server, tmp_path, calibrate
+):
+    results, prompts = {}, {}
+    with live_server("llama", budget=1000) as server, LMaaSClient(server.url) as client:
+        for floor in (False, True):
+            base = config(9)
+            options = {**base.options, "manual_floor": floor, "calibrate": calibrate}
+            run = Run.create(tmp_path / str(floor), RunConfig(**{**base.__dict__, "options": options}), client)
+            results[floor], prompts[floor] = run.tune(), run.best_prompt
+    plain, floored = results[False], results[True]
+    assert floored.best_train_loss == plain.best_train_loss  # the same search
+    assert floored.best_dev_acc >= plain.best_dev_acc
+    manual = plain.manual_calibrated_test_acc if calibrate else plain.manual_prompt_test_acc
+    if prompts[True].empty:  # kept: the manual prompt's own test score (calibrated as the run is), already known
+        assert floored.test_acc == pytest.approx(manual)
+        assert floored.eval_calls == plain.eval_calls  # + the manual prompt on dev, - the final test scoring
+    else:  # beaten on dev: the same prompt as without the floor
+        assert floored.best_dev_acc == plain.best_dev_acc and floored.test_acc == plain.test_acc
+        assert floored.eval_calls == plain.eval_calls + 1  # the manual prompt on dev

@@ -60,3 +60,21 @@ def test_state_round_trips_and_old_checkpoints_rank_by_the_metric():
     old = {k: v for k, v in state.items() if k != "best_key"}
     again.load_state_dict(old)
     assert again.best_key == state["best_score"]
+
+
+def test_the_manual_floor_keeps_its_place_on_ties_and_yields_only_to_a_strictly_better_prompt():
+    manual, better = PromptCandidate(), PromptCandidate(token_ids=[4])
+    scorer = FakeScorer({**DEV, id(manual): (0.75, 0.58), id(better): (0.78, 0.40)})
+    selection = DevSelection(scorer, dev=[object()] * 32, eval_every=10, mode="dev")
+    selection.consider(manual, calibration=None, key="devmanual", train_loss=None)
+    selection.maybe_evaluate(A, calls=10, final=False)  # 0.75: a tie, the manual prompt stays
+    assert selection.best is manual and scorer.calls == 2
+    selection.maybe_evaluate(better, calls=20, final=False)
+    assert selection.best is better and selection.best_score == 0.78
+
+
+def test_the_manual_floor_costs_nothing_without_dev_selection():
+    scorer = FakeScorer(DEV)
+    selection = DevSelection(scorer, dev=[object()] * 32, eval_every=10, mode="train")
+    selection.consider(PromptCandidate(), calibration=None, key=None, train_loss=None)
+    assert scorer.calls == 0 and selection.best is None

@@ -43,6 +43,12 @@ class TunerConfig(BaseModel):
         description="Which best-so-far prompt the run hands over: dev (highest dev metric, BBT's way), dev-loss, "
         "train+dev (lowest loss over both) or train (no dev calls: lowest training loss).",
     )
+    manual_floor: bool = Field(
+        False,
+        description="The manual prompt (calibrated when the run calibrates) competes in dev selection from the "
+        "start: a tuned prompt is handed over only if it scores strictly better on dev (one dev call). Ignored "
+        "with select=train.",
+    )
 
 
 class Tuner(ABC):
