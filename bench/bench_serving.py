@@ -48,6 +48,7 @@ from lmaas_protocol import (  # noqa: E402
     materialize,
     project,
 )
+from lmaas_runtime import FrozenLM  # noqa: E402
 from lmaas_server.config import Settings  # noqa: E402
 from lmaas_server.engine import Engine  # noqa: E402
 from lmaas_server.main import create_app  # noqa: E402
@@ -58,14 +59,14 @@ from tests.conftest import LiveServer  # noqa: E402
 INTRINSIC_DIM = 500
 
 
-def reference_loop(engine: Engine, request: EvaluateRequest) -> np.ndarray:
+def reference_loop(loaded: FrozenLM, request: EvaluateRequest) -> np.ndarray:
     """One full forward per candidate over all examples, prompt embeddings concatenated in front."""
-    model, tokenizer = engine.loaded.model, engine.loaded.tokenizer
+    model, tokenizer = loaded.model, loaded.tokenizer
     texts = [
         request.template.replace("{prompt}", "").replace("{mask}", "").format(text_a=e.text_a) for e in request.examples
     ]
     encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=True)
-    device, dtype = engine.loaded.device, engine.loaded.dtype
+    device, dtype = loaded.device, loaded.dtype
     attention = encoded["attention_mask"].to(device)
     lengths = attention.sum(1)
     words = [ids[0] for ids in request.verbalizer]
@@ -122,6 +123,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--examples", type=int, help="the first N training examples (default: all 32)")
     parser.add_argument("--model", help="model to serve (default: LMAAS_MODEL or the offline default)")
     parser.add_argument("--dtype", help="float32, bfloat16, ... (default: LMAAS_DTYPE or auto)")
+    parser.add_argument(
+        "--reference-dtype",
+        default="float32",
+        help="dtype of the reference loop (the BBT code runs float32 on a CPU); 'served': the server's",
+    )
     parser.add_argument("--json", type=Path)
     return parser.parse_args(argv)
 
@@ -152,7 +158,11 @@ def measure(args: argparse.Namespace) -> dict:
     suffix = InputsSpec(template=task.template("causal", "suffix"), examples=train, verbalizer=verbalizer)
 
     results: dict[str, float] = {}
-    results["1_reference_loop"] = rate(lambda: reference_loop(engine, prefix), args.candidates, 1)
+    # the reference as the papers' code runs it (float32 on a CPU), a separate copy if the server serves another dtype
+    reference_model = engine.loaded
+    if args.reference_dtype not in ("served", info.dtype):
+        reference_model = load_model(settings.model_copy(update={"dtype": args.reference_dtype}))
+    results["1_reference_loop"] = rate(lambda: reference_loop(reference_model, prefix), args.candidates, 1)
     results["4_in_process_batched"] = rate(
         lambda: engine.evaluate(prefix, CallBudget(None)), args.candidates, args.repeats
     )
@@ -172,7 +182,7 @@ def measure(args: argparse.Namespace) -> dict:
         served = np.stack(
             [r.logits.to_numpy() for r in client.evaluate(prefix.model_copy(update={"candidates": raw[:2]})).results]
         )
-    reference = reference_loop(engine, prefix.model_copy(update={"candidates": raw[:2]}))
+    reference = reference_loop(engine.loaded, prefix.model_copy(update={"candidates": raw[:2]}))
 
     one = prefix.model_copy(update={"candidates": raw[:1]})
     upload_raw = (len(encode_bundle(prefix)) - len(encode_bundle(one))) / (args.candidates - 1)
@@ -180,7 +190,8 @@ def measure(args: argparse.Namespace) -> dict:
     upload_projected = (len(encode_bundle(cached)) - len(encode_bundle(cached_one))) / (args.candidates - 1)
     report = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {engine.info.device}",
-        "model": info.name, "dtype": info.dtype, "candidates_per_request": args.candidates, "prompt_length": args.prompt_length,
+        "model": info.name, "dtype": info.dtype, "reference_dtype": str(reference_model.dtype).removeprefix("torch."),
+        "candidates_per_request": args.candidates, "prompt_length": args.prompt_length,
         "examples": len(train), "rates": results,
         "ratios_to_reference": {k: v / results["1_reference_loop"] for k, v in results.items()},
         "http_vs_in_process": results["2_http_batched"] / results["4_in_process_batched"],
