@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+_DTYPE_SET = os.environ.get("LMAAS_DTYPE")  # before tests.conftest sets its default
 sys.path.insert(0, str(REPO))
 
 from lmaas_client import LMaaSClient  # noqa: E402
@@ -55,6 +57,10 @@ from lmaas_server.main import create_app  # noqa: E402
 from lmaas_server.metering.budget import CallBudget  # noqa: E402
 from lmaas_server.model_loading import load_model  # noqa: E402
 from tests.conftest import LiveServer  # noqa: E402
+
+# tests.conftest pins test servers to float32 for their references; a benchmark serves what the user asked for
+if os.environ.get("LMAAS_DTYPE") == "float32" and _DTYPE_SET is None:
+    del os.environ["LMAAS_DTYPE"]
 
 INTRINSIC_DIM = 500
 
