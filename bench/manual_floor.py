@@ -69,6 +69,10 @@ def main() -> None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
+def spread(values: list[float]) -> str:
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+
+
 def table(report: dict, tags: list[str]) -> str:
     lines = ["| configuration | calls | without floor | with manual floor | runs keeping the manual prompt |",
              "|---|---|---|---|---|"]  # fmt: skip
@@ -78,8 +82,7 @@ def table(report: dict, tags: list[str]) -> str:
             plain = [100 * r["points"][i]["test"] for r in runs]
             floor = [100 * r["points"][i]["floor_test"] for r in runs]
             kept = sum(r["points"][i]["manual_kept"] for r in runs)
-            lines.append(f"| {tag} | {point['calls']} | {statistics.mean(plain):.1f} ± {statistics.stdev(plain):.1f} "
-                         f"| {statistics.mean(floor):.1f} ± {statistics.stdev(floor):.1f} | {kept}/{len(runs)} |")  # fmt: skip
+            lines.append(f"| {tag} | {point['calls']} | {spread(plain)} | {spread(floor)} | {kept}/{len(runs)} |")
     return "\n".join(lines)
 
 

@@ -115,7 +115,8 @@ def test_baselines_spend_no_tuning_calls(live_server, method, tmp_path):
     # run reports beside it, then the method's own test scoring (icl; the manual baseline's prompt is that one)
     assert result.calls_used == 0 and result.eval_calls == (2 if method == "manual" else 3)
     if method == "manual":
-        assert result.test_acc == result.manual_prompt_test_acc and result.manual_calibrated_test_acc is not None
+        # runs calibrate by default: the baseline's own result is the calibrated manual prompt, the raw one beside it
+        assert result.test_acc == result.manual_calibrated_test_acc and result.manual_prompt_test_acc is not None
 
 
 def test_icl_needs_the_prefix_placement(live_server):
