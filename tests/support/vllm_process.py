@@ -27,10 +27,10 @@ def default_model_folder() -> Path:
     return Path(dequantised(default_source(), DEFAULT_CACHE_DIR).path)
 
 
-def start_vllm(python: str, port: int, log: Path, dtype: str = "float32") -> subprocess.Popen:
+def start_vllm(python: str, port: int, log: Path, dtype: str = "float32", extra: list[str] = ()) -> subprocess.Popen:
     command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(default_model_folder()),
                "--served-model-name", SERVED_NAME, "--dtype", dtype, "--max-model-len", "2048",
-               "--enable-prompt-embeds", "--logprobs-mode", "raw_logits", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+               "--enable-prompt-embeds", "--logprobs-mode", "raw_logits", "--host", "127.0.0.1", "--port", str(port), *extra]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     return subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
 
