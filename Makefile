@@ -57,7 +57,7 @@ $(VLLM_STAMP):
 	touch $(VLLM_STAMP)
 
 test-vllm: install $(VLLM_STAMP)
-	LMAAS_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest tests/vllm tests/server/test_vllm_backend.py -v
+	LMAAS_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest tests/vllm tests/server/test_vllm_backend.py -v -s
 
 # Deployment check with podman (needs root; installs podman from Debian if missing; several minutes the
 # first time, images are reused afterwards). DOCKER_SMOKE_ARGS=--rebuild builds everything again.
