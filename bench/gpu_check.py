@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "scripts"), str(REPO / "bench")]
 
 import bench_serving  # noqa: E402
+import bench_vllm  # noqa: E402
 from demo import free_port, wait_healthy  # noqa: E402
 
 FULL = {"candidates": 20, "repeats": 2, "rounds": 3, "examples": None, "budget": 8000, "popsize": 20,
@@ -99,6 +100,11 @@ def table(report: dict) -> str:
     lines.append("| cached suffix vs reference loop | "
                  + " | ".join(f"{runs[d]['ratios_to_reference']['3_http_cached_suffix_projected']:.1f}x"
                               for d in DTYPES) + " |")  # fmt: skip
+    if "vllm" in report:  # candidates/s through the gateway: transformers backend vs vLLM backend
+        v = report["vllm"]["rates"]
+        lines += ["", "| backend (candidates/s) | " + " | ".join(v["transformers"]) + " |",
+                  "|---|" + "---|" * len(v["transformers"])]  # fmt: skip
+        lines += [f"| {name} | " + " | ".join(f"{x:.1f}" for x in v[name].values()) + " |" for name in v]
     t = report["tune"]
     lines += ["", "| BBT tune, SST-2, suffix | dtype | calls | popsize | wall time | test acc | manual prompt |",
               "|---|---|---|---|---|---|---|",
@@ -112,6 +118,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--small", action="store_true", help="tiny sizes: a CPU pass through every step")
     parser.add_argument("--model", help="model to serve (default: LMAAS_MODEL or the offline default)")
+    parser.add_argument("--vllm-python", help="also benchmark the vLLM backend, vLLM run by this Python")
     args = parser.parse_args()
     sizes = SMALL if args.small else FULL
     args.out.mkdir(parents=True, exist_ok=True)
@@ -122,6 +129,12 @@ def main() -> None:
         report["serving"][dtype] = serving(dtype, sizes, args.model, args.out)
     print(f"==> BBT tune on SST-2, {sizes['budget']} calls", flush=True)
     report["tune"] = tune(sizes, args.model, args.out)
+    if args.vllm_python:  # the offline default model in bfloat16 (vLLM's dtype on a GPU), both backends
+        print("==> vLLM backend benchmark", flush=True)
+        # vLLM leaves the gateway (its CPU-side copy here on the same GPU, and the transformers backend) room
+        argv = ["--vllm-python", args.vllm_python, "--vllm-arg=--gpu-memory-utilization=0.5", "--dtype", "bfloat16", "--json", str(args.out / "vllm.json"),
+                "--candidates", str(sizes["candidates"]), "--rounds", str(sizes["rounds"])]  # fmt: skip
+        report["vllm"] = bench_vllm.measure(bench_vllm.parse(argv))
     report["total_s"] = time.perf_counter() - started
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "gpu_check.md").write_text(table(report))

@@ -17,6 +17,9 @@
 #   GPU_CHECK_SYSTEM_TORCH=1   reuse the interpreter's own CUDA torch (a venv with system site packages)
 #   GPU_CHECK_WHEELS=DIR       install offline from wheels in DIR (pip download -r requirements.lock -d DIR)
 #   GPU_CHECK_SKIP_INSTALL=1   no venv, no install: run with GPU_CHECK_PYTHON as it is
+#   GPU_CHECK_VLLM=1           also the vLLM backend benchmark (bench/bench_vllm.py): vllm==0.32.0 in its own venv
+#                              (GPU_CHECK_VLLM_VENV, default .venv-gpu-check-vllm), a vllm serve on the GPU, the
+#                              gateway beside it; GPU_CHECK_VLLM_PYTHON=PATH uses a vLLM environment already made
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -63,6 +66,19 @@ if [[ -n "${GPU_CHECK_MODEL:-}" ]]; then
     model_args+=(--model "$GPU_CHECK_MODEL")
 fi
 
+vllm_args=()
+if [[ "${GPU_CHECK_VLLM:-0}" == 1 ]]; then
+    VLLM_PY="${GPU_CHECK_VLLM_PYTHON:-}"
+    if [[ -z "$VLLM_PY" ]]; then
+        VLLM_VENV="${GPU_CHECK_VLLM_VENV:-$REPO/.venv-gpu-check-vllm}"
+        echo "==> vllm 0.32.0 in $VLLM_VENV"
+        "$PYTHON" -m venv "$VLLM_VENV"
+        "$VLLM_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "vllm==0.32.0"
+        VLLM_PY="$VLLM_VENV/bin/python"
+    fi
+    vllm_args+=(--vllm-python "$VLLM_PY")
+fi
+
 cd "$REPO"
-"$PY" bench/gpu_check.py --out "$OUT_DIR" "${small_args[@]}" "${model_args[@]}"
+"$PY" bench/gpu_check.py --out "$OUT_DIR" "${small_args[@]}" "${model_args[@]}" "${vllm_args[@]}"
 echo "==> done in $(( $(date +%s) - start )) s (install included): $OUT_DIR/gpu_check.json, $OUT_DIR/gpu_check.md"

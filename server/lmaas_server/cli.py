@@ -42,6 +42,16 @@ def serve(
     ] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16 or float16")] = None,
     family: Annotated[Optional[str], typer.Option(help="auto, masked or causal")] = None,
+    backend: Annotated[
+        Optional[str],
+        typer.Option(help="transformers (the model in this process) or vllm (a vllm serve at --vllm-url)"),
+    ] = None,
+    vllm_url: Annotated[
+        Optional[str], typer.Option(help="With --backend vllm: the vLLM server, http://host:port")
+    ] = None,
+    vllm_model: Annotated[
+        Optional[str], typer.Option(help="With --backend vllm: its served model name [default: the only one]")
+    ] = None,
     database_url: DatabaseUrl = None,
     no_auth: Annotated[
         bool, typer.Option("--no-auth", help="Serve without API keys (development): one in-memory budget.")
@@ -55,7 +65,8 @@ def serve(
 ) -> None:
     """Load the model and serve the /v1 API (options override LMAAS_* environment variables)."""
     settings = _settings(model=model, host=host, port=port, device=device, device_map=device_map, dtype=dtype,
-                         family=family, database_url=database_url, budget=budget,
+                         family=family, backend=backend, vllm_url=vllm_url, vllm_model=vllm_model,
+                         database_url=database_url, budget=budget,
                          require_api_key=False if no_auth else None, log_format=log_format)  # fmt: skip
     if settings.prometheus_multiproc_dir:  # must be set before prometheus_client is imported
         settings.prometheus_multiproc_dir.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,23 @@ class Settings(BaseSettings):
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's own).")
     cache_dir: Path = Field(Path.home() / ".cache" / "lmaas", description="Converted-model cache (GGUF).")
 
+    # Backend: what runs the forward passes behind the gateway
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="'transformers': the model in this process; 'vllm': a `vllm serve` process at vllm_url scores "
+        "the rows (this process keeps the tokenizer and weights on CPU to build prompt embeddings and check it).",
+    )
+    vllm_url: str | None = Field(None, description="Base URL of the vLLM server (e.g. http://vllm:8000), backend vllm.")
+    vllm_model: str | None = Field(
+        None, description="The model name vLLM serves (its --served-model-name); unset = the only one it lists."
+    )
+    vllm_timeout_s: float = Field(120.0, gt=0, description="Longest one HTTP request to vLLM may take.")
+    vllm_startup_timeout_s: float = Field(
+        900.0, gt=0, description="How long the gateway waits at start for vLLM to answer (it may still be loading)."
+    )
+    vllm_concurrency: int = Field(8, ge=1, description="HTTP requests in flight to vLLM at once.")
+    vllm_prompts_per_request: int = Field(32, ge=1, description="Rows (prompts) per completions request to vLLM.")
+
     # Serving
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

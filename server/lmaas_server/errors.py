@@ -62,3 +62,12 @@ class Overloaded(APIError):
     def __init__(self, what: str = "this request") -> None:
         super().__init__(ErrorCode.OVERLOADED, f"the server ran out of accelerator memory for {what}; retry later "
                          "(nothing was charged)", headers={"Retry-After": "5"})  # fmt: skip
+
+
+class BackendUnavailable(APIError):
+    """The inference backend (a vLLM server) did not answer or failed on this request's rows; refunded like
+    every 5xx, retryable."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(ErrorCode.OVERLOADED, f"the inference backend failed: {reason}; retry later (nothing was "
+                         "charged)", status=503, headers={"Retry-After": "5"})  # fmt: skip

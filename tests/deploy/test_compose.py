@@ -25,6 +25,7 @@ SCHEMA = json.loads(Path(__file__).with_name("compose-spec.json").read_text())
 BASE = "docker-compose.yml"
 CPU = "docker/compose.cpu.yml"
 REPLICAS = "docker/compose.replicas.yml"
+VLLM = "docker/compose.vllm.yml"
 SERVER_DOCKERFILE = ROOT / "docker" / "server.Dockerfile"
 CLIENT_DOCKERFILE = ROOT / "docker" / "client.Dockerfile"
 ENV_EXAMPLE = ROOT / "docker" / ".env.example"
@@ -140,7 +141,15 @@ def validate(config: dict) -> None:
     jsonschema.Draft7Validator(SCHEMA).validate(config)
 
 
-COMBINATIONS = [(BASE,), (BASE, CPU), (BASE, REPLICAS), (BASE, CPU, REPLICAS), (BASE, REPLICAS, CPU)]
+COMBINATIONS = [
+    (BASE,),
+    (BASE, CPU),
+    (BASE, REPLICAS),
+    (BASE, CPU, REPLICAS),
+    (BASE, REPLICAS, CPU),
+    (BASE, VLLM),
+    (BASE, VLLM, REPLICAS),
+]
 
 
 # ---------------------------------------------------------------------------------------------- compose
@@ -176,6 +185,22 @@ def test_the_cpu_override_removes_the_gpu(files):
     server = compose(*files)["services"]["server"]
     assert _devices(server) == []
     assert server["environment"]["LMAAS_DEVICE"] == "cpu"
+
+
+def test_the_vllm_override_puts_the_gpus_on_vllm_and_points_the_gateway_at_it():
+    config = compose(BASE, VLLM, env={"LMAAS_MODEL": "/models/m", "VLLM_TENSOR_PARALLEL_SIZE": "4", "VLLM_GPUS": "4"})
+    server, vllm = config["services"]["server"], config["services"]["vllm"]
+    assert _devices(server) == [] and server["environment"]["LMAAS_DEVICE"] == "cpu"
+    assert (
+        server["environment"]["LMAAS_BACKEND"] == "vllm"
+        and server["environment"]["LMAAS_VLLM_URL"] == "http://vllm:8000"
+    )
+    assert server["environment"]["LMAAS_MODEL"] == "/models/m" and "--model=/models/m" in vllm["command"]
+    assert {"--enable-prompt-embeds", "--logprobs-mode=raw_logits", "--tensor-parallel-size=4"} <= set(vllm["command"])
+    assert f"--served-model-name={server['environment']['LMAAS_VLLM_MODEL']}" in vllm["command"]
+    (gpu,) = _devices(vllm)
+    assert gpu["count"] == "4" and "gpu" in gpu["capabilities"]
+    assert server["depends_on"]["postgres"]["condition"] == "service_healthy" and "vllm" in server["depends_on"]
 
 
 def test_postgres_is_healthy_before_the_server_starts():

@@ -1,4 +1,5 @@
-"""Start-up check of the engine: does the prefix cache reproduce the plain forward pass on this model?"""
+"""Start-up checks of the engine: does the prefix cache reproduce the plain forward pass on this model? Does a
+remote backend (vLLM) return this model's label logits?"""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import logging
 import numpy as np
 import torch
 
-from lmaas_runtime.precision import dtype_name, relative_tolerance
+from lmaas_runtime import ModelError
+from lmaas_runtime.precision import RELATIVE_TOLERANCE, dtype_name, relative_tolerance
 from lmaas_runtime.probes import probe_inputs
 from lmaas_runtime.rows import RowPrompt
 
@@ -50,6 +52,38 @@ def prefix_cache_matches(engine) -> bool:
         tolerance,
     )
     return True
+
+
+def backend_matches(engine) -> None:
+    """Score probe prompts through the backend and with the model in this process; raise `ModelError` (the
+    server does not start) where they differ.
+
+    Tolerance: bfloat16's (10% of the largest |logit|), as the backend may compute in a coarser dtype than this
+    process. Enough to catch what would make every answer wrong: vLLM returning log-probabilities (started
+    without `--logprobs-mode raw_logits`: every logit shifted by the log partition, tens of units) or other
+    weights; the test suite checks equality to float32 rounding.
+    """
+    prepared = engine.prepare(probe_inputs(engine.causal), enforce_limits=False)
+    variant = prepared.variant(engine.renderer, 3, 3)
+    lm = engine.loaded
+    generator = torch.Generator().manual_seed(0)
+    prompts = [RowPrompt(3, token_ids=torch.randint(0, lm.vocab_size, (3,), generator=generator).tolist())]
+    if getattr(engine.backend, "embeds", False):
+        std = float(lm.embedding.weight.float().std())
+        prompts.append(
+            RowPrompt(3, soft=(torch.randn(3, lm.hidden_size, generator=generator) * std).to(lm.device, lm.dtype))
+        )
+    got = engine.score(prepared, variant, prompts, use_prefix=False)
+    want = lm.prompt_logits(variant.rendered, prepared.spec.verbalizer, prompts)
+    difference, tolerance, flipped = compare(
+        got, want, max(relative_tolerance(lm.dtype), RELATIVE_TOLERANCE["bfloat16"])
+    )
+    if difference > tolerance or flipped:
+        raise ModelError(f"the {engine.backend.name} backend's label logits differ from {lm.name}'s by {difference:.3g} "
+                         f"(tolerance {tolerance:.3g}, {flipped} decisions differ): is vLLM serving the same weights, "
+                         "started with --logprobs-mode raw_logits?")  # fmt: skip
+    log.info("%s backend: label logits within %.3g of the model's (tolerance %.3g)", engine.backend.name,
+             difference, tolerance)  # fmt: skip
 
 
 def compare(got: np.ndarray, want: np.ndarray, relative: float) -> tuple[float, float, int]:

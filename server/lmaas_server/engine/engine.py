@@ -40,8 +40,9 @@ from lmaas_runtime.rendering import TemplateRenderer
 from lmaas_runtime.rows import Row, RowPrompt, Verbalizer, first_overflow
 from lmaas_server import metrics
 from lmaas_server.config import Settings
+from lmaas_server.engine.backends import build_backend
 from lmaas_server.engine.bounds import check_bounds
-from lmaas_server.engine.checks import prefix_cache_matches
+from lmaas_server.engine.checks import backend_matches, prefix_cache_matches
 from lmaas_server.engine.deadline import Deadline
 from lmaas_server.engine.deployed import Classifier
 from lmaas_server.engine.inputs_store import InputsStore, PreparedInputs, Variant
@@ -59,25 +60,31 @@ class Engine:
         self.settings = settings
         self.causal = loaded.family == "causal"
         self.vocab_size, self.hidden_size = loaded.vocab_size, loaded.hidden_size
-        self.max_length = min(settings.max_seq_len, loaded.max_length)
+        self.backend = build_backend(loaded, settings)  # what runs `run(rows)`: this process or a vLLM server
+        self.max_length = min(settings.max_seq_len, loaded.max_length, self.backend.max_length or loaded.max_length)
         self.renderer = TemplateRenderer(loaded.tokenizer, self.causal, self.max_length)
         self.pad_id = loaded.pad_id
         self.dtype_max = float(torch.finfo(loaded.dtype).max)  # prompts must fit the model's dtype
         self.layers = loaded.layers
-        self.forward = loaded  # the runtime's model: `run(rows)` scores one batch on the scheduler's thread
+        self.forward = self.backend  # `run(rows)` scores one batch on the scheduler's thread
         self.decoder = CandidateDecoder(loaded.device, loaded.dtype, settings.projection_cache_bytes)
         self.inputs = InputsStore(settings.max_input_handles, settings.input_cache_bytes)
         # unset: 16,384 on a CPU, on CUDA what the memory left free after loading allows
         self.max_batch_tokens = settings.max_batch_tokens or memory.default_batch_tokens(loaded.model)
         weight = memory.context_weight(loaded.model.config, loaded.dtype.itemsize)
-        self.scheduler = Scheduler(self.forward, self.max_batch_tokens, weight)
+        self.scheduler = Scheduler(self.forward, self.backend.round_tokens or self.max_batch_tokens, weight)
         log.info("forward passes of at most %d tokens", self.max_batch_tokens)
-        self.prefix_cache = self.causal and settings.prefix_cache and prefix_cache_matches(self)
+        self.prefix_cache = (
+            self.causal and settings.prefix_cache and self.backend.prefix_cache and prefix_cache_matches(self)
+        )
+        if self.backend.name != "transformers":
+            backend_matches(self)  # refuses to serve a backend whose label logits are not this model's
         self.info = self._describe()
         self.classifier = Classifier(self)  # POST /v1/classify with deployed prompts (deployed.py)
 
     def close(self) -> None:
         self.scheduler.close()
+        self.backend.close()
 
     def _describe(self) -> ModelInfo:
         model, tokenizer, config = self.loaded.model, self.loaded.tokenizer, self.loaded.model.config
@@ -131,6 +138,7 @@ class Engine:
             raise InvalidRequest("examples", f"at most {self.settings.max_examples} examples per request")
         for c, ids in enumerate(spec.verbalizer):
             self._check_ids(ids, f"verbalizer.{c}")
+        self.backend.check_verbalizer(spec.verbalizer, "verbalizer")
         labels = np.array([e.label for e in spec.examples]) if spec.has_labels else None
         prepared = PreparedInputs(spec, Verbalizer.build(spec.verbalizer, self.loaded.device), labels)
         if render:  # registered sets must be scoreable as they are (the manual prompt)
@@ -154,6 +162,8 @@ class Engine:
     def _prefix_reason(self, rendered) -> tuple[bool, str]:
         if not self.causal:
             return False, "masked LMs attend in both directions: every token depends on the prompt"
+        if self.backend.name == "vllm":
+            return False, "the vLLM backend: vLLM's own prefix caching reuses the text of token-id prompts"
         if not self.prefix_cache:
             return False, "disabled on this server or unsupported by this model"
         if not eligible(rendered):
@@ -295,6 +305,7 @@ class Engine:
         length = candidate.prompt_length(projections)
         if (length or candidate.embedding_offset is not None) and not has_slot:
             raise InvalidRequest(param, "the template has no {prompt} slot for this prompt")
+        self.backend.check_candidate(candidate, param)  # forms the backend cannot serve: 422, never charged
         if length > s.max_prompt_length:
             raise InvalidRequest(param, f"prompt of {length} tokens exceeds {s.max_prompt_length}")
         if candidate.prompt_token_ids is not None:

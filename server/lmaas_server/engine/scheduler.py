@@ -16,9 +16,10 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from lmaas_runtime import FrozenLM, Row, batches
+from lmaas_runtime import Row, batches
 from lmaas_runtime.memory import is_out_of_memory, release_cached_memory
 from lmaas_server import metrics
+from lmaas_server.engine.backends import Backend
 from lmaas_server.errors import Overloaded
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, forward: FrozenLM, max_batch_tokens: int, context_weight: float = 0.5):
+    def __init__(self, forward: Backend, max_batch_tokens: int, context_weight: float = 0.5):
         self.forward = forward
         self.max_batch_tokens = max_batch_tokens
         self.context_weight = context_weight  # a cached prefix position's cost in computed tokens

@@ -103,6 +103,15 @@ class Forward:
             ]
         return None, logits.reshape(len(batch), -1)
 
+    @inference_mode
+    def plain_embeds(self, batch: Sequence[Row]) -> tuple[torch.Tensor, list[int]]:
+        """The plain path's input embeddings [B, T, H] (right-padded) and each row's real length: the very
+        vectors `label_states` feeds the model, for a backend that runs the model elsewhere (vLLM)."""
+        tokens = [with_prompt_tokens(row.example, row.prompt) for row in batch]
+        ids, _ = self._pad(tokens)
+        starts = [row.example.prompt_at for row in batch]
+        return self._write_prompts(self.embedding(ids), batch, starts), [len(t) for t in tokens]
+
     def _pad(self, tokens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ids and attention mask [B, T], built on the host and sent in one transfer."""
         import torch
