@@ -110,7 +110,12 @@ def tune(
     prompt_length: Annotated[Optional[int], typer.Option(help="Shortcut for -o prompt_length=N.")] = None,
     intrinsic_dim: Annotated[Optional[int], typer.Option(help="Shortcut for -o intrinsic_dim=N.")] = None,
     option: Annotated[
-        Optional[list[str]], typer.Option("--option", "-o", help="Method option KEY=VALUE (repeatable).")
+        Optional[list[str]],
+        typer.Option(
+            "--option",
+            "-o",
+            help="Method option KEY=VALUE (repeatable). Defaults: calibrate=true (a class bias fitted on the training logits, zero calls: measured to help), select=dev, manual_floor=false; see the README.",
+        ),
     ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out from its checkpoint (its own settings).")
