@@ -3,12 +3,13 @@ full test sets, in-process runs (`Run`) against one `lmaas-server`, so registere
 keys/values across runs. Finished runs (result.json) are skipped; stopped ones resume from their checkpoint.
 
     python bench/bench_levers.py --out bench/results/calib/smollm2 --tasks sst2,agnews --seeds 13 \\
-        --variant 'bbt={"popsize":10,"prompt_length":10,"intrinsic_dim":500}' \\
+        --variant 'bbt={"popsize":10,"prompt_length":10,"intrinsic_dim":500,"calibrate":false}' \\
         --variant 'bbt-cal={"popsize":10,"prompt_length":10,"intrinsic_dim":500,"calibrate":true}' \\
         --variant 'bbt-ins-cal={"popsize":10,"intrinsic_dim":500,"init_tokens":"instruction","calibrate":true}'
     python bench/curves.py table --at 300 --task sst2 --series "BBT=bench/results/calib/smollm2:bbt" ...
 
-Each variant is a BBT run (suffix placement) with the given options; `--method` changes the method.
+Each variant is a BBT run (suffix placement) with the given options; `--method` changes the method. Runs
+calibrate by default since 2026-12-01: plain BBT (the papers' objective) needs `"calibrate":false`.
 """
 
 from __future__ import annotations
