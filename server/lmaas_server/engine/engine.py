@@ -162,8 +162,8 @@ class Engine:
     def _prefix_reason(self, rendered) -> tuple[bool, str]:
         if not self.causal:
             return False, "masked LMs attend in both directions: every token depends on the prompt"
-        if self.backend.name == "vllm":
-            return False, "the vLLM backend: vLLM's own prefix caching reuses the text of token-id prompts"
+        if not self.backend.prefix_cache:
+            return False, f"the {self.backend.name} backend caches the text of token-id prompts itself"
         if not self.prefix_cache:
             return False, "disabled on this server or unsupported by this model"
         if not eligible(rendered):

@@ -135,9 +135,7 @@ class VLLMBackend:
         encoded = []
         for b, (row, length) in enumerate(zip(rows, lengths, strict=True)):
             self._check_label_last(row, length)
-            buffer = io.BytesIO()
-            torch.save(embeds[b, :length].cpu().clone(), buffer)  # clone: a view would save all of `embeds`
-            encoded.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+            encoded.append(encode_embeds(embeds[b, :length]))
         return encoded
 
     @staticmethod
@@ -183,10 +181,8 @@ class VLLMBackend:
 
     def _serves_embeds(self) -> bool:
         """Does vLLM accept prompt embeddings (`--enable-prompt-embeds`)? One tiny request tells."""
-        embedding = self.loaded.embedding.weight[:1].detach().cpu().clone()  # [1, H]
-        buffer = io.BytesIO()
-        torch.save(embedding, buffer)
-        body = {"model": self.model, "max_tokens": 1, "prompt_embeds": [base64.b64encode(buffer.getvalue()).decode()]}
+        embedding = self.loaded.embedding.weight[:1].detach()  # [1, H]
+        body = {"model": self.model, "max_tokens": 1, "prompt_embeds": [encode_embeds(embedding)]}
         try:
             self._post("/v1/completions", body)
         except BackendUnavailable as exc:
@@ -195,6 +191,13 @@ class VLLMBackend:
             log.warning("vLLM refuses prompt embeddings (%s): soft prompts and DePT offsets get 422", exc.message)
             return False
         return True
+
+
+def encode_embeds(embeds: torch.Tensor) -> str:
+    """[T, hidden] as vLLM's completions API decodes `prompt_embeds`: base64 of `torch.save` of the tensor."""
+    buffer = io.BytesIO()
+    torch.save(embeds.cpu().clone(), buffer)  # clone: a view would save the whole tensor it looks into
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def needs_embeds(prompt: RowPrompt) -> bool:
