@@ -7,6 +7,7 @@ and the calibrated manual prompt (when the runs recorded it) are drawn as flat l
 
     python bench/curves.py plot --task sst2 --series "BBT=bench/results/calib/smollm2:bbt" \\
         --series "BBT, calibrated=bench/results/calib/smollm2:bbt-cal" --out bench/results/curves/sst2.png
+    python bench/curves.py plot ... --level "white-box prompt tuning=bench/results/calib/smollm2-bf16:prompt-tuning"
     python bench/curves.py table --at 300 --task sst2 --task agnews --series ...
 
 Spread: mean ± standard deviation over seeds, and the binomial 95 % interval of the mean accuracy
@@ -104,6 +105,10 @@ def plot(args: argparse.Namespace) -> None:
                 if value is not None:
                     axis.axhline(100 * value[0], color="grey", linestyle=style, label=label)
             drawn_baselines = True
+    for series in args.level or []:  # a method that spends no search calls (white-box prompt tuning): its level
+        value = baseline(series.runs(args.task), "test_acc") if series.runs(args.task) else None
+        if value is not None:
+            axis.axhline(100 * value[0], color="black", linestyle="-.", label=f"{series.label} (no calls)")
     axis.set_xlabel("calls on the training set")
     axis.set_ylabel(f"test accuracy, % ({args.task})")
     axis.set_xscale("log")
@@ -147,6 +152,7 @@ def main() -> None:
     drawing.add_argument("--task", required=True)
     drawing.add_argument("--out", type=Path, required=True)
     drawing.add_argument("--title")
+    drawing.add_argument("--level", type=Series.parse, action="append", help="LABEL=ROOT:TAG drawn as a flat line")
     tabulating = commands.add_parser("table")
     tabulating.add_argument("--task", action="append", required=True)
     tabulating.add_argument("--at", type=int, required=True, help="call count")

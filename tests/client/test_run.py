@@ -101,3 +101,15 @@ def test_the_manual_floor_adds_one_dev_call_and_hands_over_the_manual_prompt_unl
     else:  # beaten on dev: the same prompt as without the floor
         assert floored.best_dev_acc == plain.best_dev_acc and floored.test_acc == plain.test_acc
         assert floored.eval_calls == plain.eval_calls + 1  # the manual prompt on dev
+
+
+def test_score_mean_spends_one_more_call_per_generation(live_server, tmp_path):
+    curves = {}
+    with live_server("llama", budget=1000) as server, LMaaSClient(server.url) as client:
+        for score_mean in (False, True):
+            base = config(8)
+            chosen = RunConfig(**{**base.__dict__, "options": {**base.options, "score_mean": score_mean}})
+            curves[score_mean] = [
+                p["calls"] for p in Run.create(tmp_path / str(score_mean), chosen, client).tune().curve
+            ]
+    assert curves == {False: [3, 6, 8], True: [4, 8]}  # popsize 3, + the mean: 4 calls per generation

@@ -74,3 +74,32 @@ def test_diagonal_covariance_reaches_pycma_and_changes_the_search(method):
     diagonal, diagonal_es = second_generation("diagonal")
     assert diagonal_es.opts["CMA_diagonal"] is True and full_es.opts["CMA_diagonal"] is not True
     assert not np.allclose(full, diagonal)  # same seed and losses; only the covariance model differs
+
+
+@pytest.mark.parametrize("method", ["bbt", "bbtv2", "dept"])
+def test_score_mean_asks_the_mean_first_and_leaves_the_search_unchanged(method):
+    def two_generations(score_mean: bool) -> tuple[list, np.ndarray, np.ndarray]:
+        tuner = make_tuner(method, fake_model(), **TINY[method], score_mean=score_mean)
+        asked_first = tuner.ask()
+        mean = np.array(tuner.strategy().mean)
+        losses = list(np.linspace(1.0, 2.0, tuner.config.popsize))
+        tuner.tell(([0.5] if score_mean else []) + losses)  # the mean's loss is dropped before CMA-ES sees it
+        return asked_first, mean, np.array(tuner.strategy().ask())
+
+    plain_asked, _, plain_next = two_generations(False)
+    asked, mean, following = two_generations(True)
+    assert len(asked) == len(plain_asked) + 1
+    np.testing.assert_array_equal(asked[0].z, mean)  # the mean comes first, so a cut budget still scores it
+    np.testing.assert_array_equal(following, plain_next)  # the same samples: the mean was not told
+
+
+def test_a_scored_mean_with_the_lowest_loss_becomes_the_best_prompt():
+    tuner = make_tuner("bbt", fake_model(), **TINY["bbt"], score_mean=True)
+    asked = tuner.ask()
+    losses = [0.1] + [1.0] * (len(asked) - 1)
+    tuner.observe(asked, losses)
+    tuner.tell(losses)
+    assert tuner.best is asked[0] and tuner.best_loss == pytest.approx(0.1)
+    tuner.ask()
+    with pytest.raises(ValueError, match="one loss per candidate"):  # the mean counts among the candidates
+        tuner.tell([1.0] * tuner.config.popsize)

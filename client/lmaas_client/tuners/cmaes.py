@@ -73,9 +73,29 @@ class CMATuner(Tuner):
         """The strategy that asks and is told now."""
         return self.es
 
+    # candidates before the strategy's own in the last ask() (the scored mean), stripped again in tell()
+    _extra: int = 0
+
     def ask(self) -> list[PromptCandidate]:
-        self._pending = self.strategy().ask()
-        return [self.prompt(z) for z in self._pending]
+        es = self.strategy()
+        self._pending = es.ask()
+        candidates = [self.prompt(z) for z in self._pending]
+        self._extra = int(bool(getattr(self.config, "score_mean", False)))
+        if self._extra:
+            # first, so that a budget ending mid-generation still scores it
+            candidates.insert(0, self.prompt(self._mean(es)))
+        return candidates
+
+    def _mean(self, es: cma.CMAEvolutionStrategy) -> np.ndarray:
+        """The strategy's mean (where this generation was sampled around), inside the box bound if any."""
+        mean = np.array(es.mean, dtype=np.float64)
+        bound = getattr(self.config, "bound", None)
+        return mean if bound is None else np.clip(mean, -bound, bound)
+
+    def tell(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
+        """As `Tuner.tell`, for every candidate of the last ask(): a scored mean's loss is dropped here."""
+        extra, self._extra = self._extra, 0
+        super().tell(losses[extra:], None if logits is None else logits[extra:])
 
     def update(self, losses: Sequence[float], logits: Sequence[np.ndarray] | None = None) -> None:
         self.strategy().tell(self._pending, [float(v) for v in losses])

@@ -23,6 +23,12 @@ class CMAOptions(BaseModel):
         description="full (the papers' CMA-ES) or diagonal (sep-CMA-ES: learns per-coordinate scales with "
         "learning rates ~dim times larger, so it adapts within the few generations a small budget allows).",
     )
+    score_mean: bool = Field(
+        False,
+        description="Also score the CMA-ES mean each generation (one more call: popsize + 1 per generation). "
+        "The mean averages the best half of the last population, so it is a less noise-fitted prompt than any "
+        "one sample; it competes for the best-so-far prompt (and so for dev selection) but is not told to CMA-ES.",
+    )
 
 
 class ProjectedPromptOptions(BaseModel):
