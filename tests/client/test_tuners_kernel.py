@@ -61,6 +61,17 @@ def test_bbtv2_moves_to_the_next_layer_through_the_kernel():
     assert all(c.meta["tuned_layer"] == 1 for c in tuner.ask())
 
 
+def test_bbtv2_gives_each_layer_its_generations_before_moving_up():
+    tuner = make_tuner("bbtv2", fake_model(), **TINY["bbtv2"], generations_per_layer=2)
+    layers = []
+    for _ in range(4):
+        asked = tuner.ask()
+        layers.append(asked[0].meta["tuned_layer"])
+        tuner.tell([float(i) for i in range(len(asked))])
+    assert layers == [0, 0, 1, 1] and tuner.layer == 2
+    assert tuner.best_z[1] is not None and tuner.best_z[2] is None  # layer 2 untouched until its turn
+
+
 @pytest.mark.parametrize("method", ["bbt", "bbtv2", "dept"])
 def test_diagonal_covariance_reaches_pycma_and_changes_the_search(method):
     def second_generation(covariance: str) -> tuple[np.ndarray, object]:

@@ -7,8 +7,9 @@ training set through POST /v1/layer_std (`layer_std="measured"`, one call). Prom
 embeddings of P placeholder tokens (as BBT), prompt i to the hidden states at the prompt positions before
 layer i (the server's deep prompts).
 
-Schedule: one CMA-ES per layer; per round, one generation (popsize calls) for each layer bottom-up while
-every other layer stays at its best point so far; after its generation a layer is fixed at its best z.
+Schedule: one CMA-ES per layer; per round, one generation (popsize calls; `generations_per_layer` for more)
+for each layer bottom-up while every other layer stays at its best point so far; after each generation a
+layer is fixed at its best z.
 With the paper's 8,000 calls and 24 layers that is 16 rounds. Candidates travel as z per layer plus the
 layer's projection spec (server-side projection), so a candidate costs ~4*d bytes per tuned layer.
 """
@@ -36,6 +37,13 @@ class BBTv2Config(ProjectedPromptOptions, CMAOptions, TunerConfig):
     sigma: float = Field(0.2, gt=0, description="CMA-ES initial step size (BBTv2's README: 0.2).")
     alpha: float = Field(0.2, gt=0, description="Prompt std in units of the layer's hidden-state std (0.2).")
     layers: int | None = Field(None, ge=1, description="Tune the first N layers (default: all).")
+    generations_per_layer: int = Field(
+        1,
+        ge=1,
+        le=10_000,
+        description="Generations a layer gets before the schedule moves up a layer (1: the paper's schedule). "
+        "With a small budget, more generations on fewer layers (see layers) search each one further.",
+    )
     layer_std: Literal["model", "measured"] = Field("model", description="Where std_i comes from (see module).")
 
 
@@ -64,7 +72,7 @@ class BBTv2Tuner(CMATuner):
             for i in range(self.num_layers)
         ]
         self.best_z: list[np.ndarray | None] = [None] * self.num_layers  # None: layer not tuned yet (adds nothing)
-        self.step = 0  # generations told so far; the layer being tuned is step % num_layers
+        self.step = 0  # generations told so far; they give the layer being tuned (`layer`)
         # serialised strategies, kept until their layer is told again: a checkpoint then re-serialises (and
         # `lmaas_client.checkpoints` re-writes) one ~4 MB strategy per generation, not all of them
         self._dumps: list[bytes | None] = [None] * self.num_layers
@@ -85,7 +93,7 @@ class BBTv2Tuner(CMATuner):
 
     @property
     def layer(self) -> int:
-        return self.step % self.num_layers
+        return (self.step // self.config.generations_per_layer) % self.num_layers
 
     def strategy(self):
         return self.strategies[self.layer]
