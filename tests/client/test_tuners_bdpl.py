@@ -296,7 +296,7 @@ def test_argmax_best_is_kept_as_the_same_object_while_the_argmax_does_not_change
 
 
 def test_best_sampled_selection_keeps_a_copy_of_the_lowest_loss_prompt():
-    t = tuner(select="best_sampled")
+    t = tuner(best_from="best_sampled")
     candidates = t.ask()
     losses = [5.0, 3.0, 4.0, 1.0, 9.0, 2.0]
     t.observe(candidates, losses)
@@ -412,7 +412,11 @@ def test_bdpl_runs_end_to_end(live_server, tmp_path):
     assert charged == result.calls_used + result.eval_calls
     assert len(t.vocab) == 20 and not any(is_special(s) for s in t.vocab_tokens)
     assert [p["calls"] for p in result.curve] == [4, 8] and result.test_acc is not None
-    assert result.config["num_candidates"] == 20 and result.config["select"] == "argmax"
+    assert (
+        result.config["num_candidates"] == 20
+        and result.config["best_from"] == "argmax"
+        and result.config["select"] == "dev"
+    )
     prompt, meta = load_prompt(tmp_path / "prompt.npz")
     assert len(prompt.token_ids) == 3 and set(prompt.token_ids) <= set(t.vocab.tolist())
     assert meta["method"] == "bdpl" and len(meta["prompt_tokens"]) == 3
@@ -429,3 +433,11 @@ def test_a_resumed_bdpl_run_ends_like_an_uninterrupted_one(live_server, tmp_path
     assert resumed.best_dev_acc == straight.best_dev_acc and resumed.test_acc == straight.test_acc
     with np.load(tmp_path / "straight" / "prompt.npz") as a, np.load(tmp_path / "resumed" / "prompt.npz") as b:
         np.testing.assert_array_equal(a["prompt_token_ids"], b["prompt_token_ids"])
+
+
+def test_bdpl_shares_the_dev_selection_mode_and_reads_old_run_folders():
+    from lmaas_client.tuners.bdpl import BDPLConfig
+
+    assert BDPLConfig().select == "dev" and BDPLConfig(select="dev-loss").select == "dev-loss"
+    old = BDPLConfig.model_validate({"select": "best_sampled", "lr": 0.01})  # a run folder of before the rename
+    assert old.best_from == "best_sampled" and old.select == "dev" and old.lr == 0.01

@@ -71,7 +71,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lmaas_client.prompts import PromptCandidate
 from lmaas_client.tuners.base import Tuner, TunerConfig
@@ -93,12 +93,22 @@ class BDPLConfig(TunerConfig):
     num_samples: int = Field(20, ge=2, le=1024, description="I prompts sampled per step, one API call each.")
     lr: float = Field(1e-4, gt=0, description="Adam learning rate (paper: 1e-4; raise it for small budgets).")
     clip_norm: float = Field(3.0, gt=0, description="Gradient norm clipping (paper: 3).")
-    select: Literal["argmax", "best_sampled"] = Field(
+    best_from: Literal["argmax", "best_sampled"] = Field(
         "argmax", description="best = the argmax prompt (the paper) or the lowest-loss sampled prompt."
     )
     max_ngram: int = Field(5, ge=1, le=32, description="Longest PMI n-gram in tokens (reference: 5).")
     ngram_min_count: int = Field(5, ge=0, description="Tokens, pairs and n-grams must occur more often than this.")
     min_pmi: float = Field(1.0, description="Pairs with at least this PMI are joined into n-grams.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_select_name(cls, data: Any) -> Any:
+        """Before 2026-12-01 this field was `select`, which hid the dev selection mode every tuner shares; run
+        folders of then still say select=argmax|best_sampled."""
+        if isinstance(data, dict) and data.get("select") in ("argmax", "best_sampled"):
+            data = {**data, "best_from": data["select"]}
+            del data["select"]
+        return data
 
 
 class BDPLTuner(Tuner):
@@ -207,7 +217,7 @@ class BDPLTuner(Tuner):
         return self.prompt(self.argmax_indices())
 
     def _refresh_best(self) -> None:
-        if self.config.select == "best_sampled":
+        if self.config.best_from == "best_sampled":
             self.best = self.best_sampled
         elif self.probs is not None:
             ids = [int(self.vocab[i]) for i in self.argmax_indices()]
