@@ -24,6 +24,8 @@ class DevSelection:
 
     def __init__(self, scorer: TaskScorer, dev, eval_every: int, mode: SelectName = "dev", train_size: int = 0,
                  loss: str = "ce"):  # fmt: skip
+        if mode not in SELECT_MODES:  # never fall through to another mode's key
+            raise ValueError(f"select={mode!r}: expected one of {', '.join(SELECT_MODES)}")
         self.scorer = scorer
         self.dev = dev
         self.eval_every = max(1, eval_every)

@@ -78,3 +78,8 @@ def test_the_manual_floor_costs_nothing_without_dev_selection():
     selection = DevSelection(scorer, dev=[object()] * 32, eval_every=10, mode="train")
     selection.consider(PromptCandidate(), calibration=None, key=None, train_loss=None)
     assert scorer.calls == 0 and selection.best is None
+
+
+def test_an_unknown_mode_is_refused_instead_of_falling_through():
+    with pytest.raises(ValueError, match="select='argmax': expected one of dev, dev-loss"):
+        DevSelection(FakeScorer(DEV), dev=[object()] * 32, eval_every=10, mode="argmax")
