@@ -337,3 +337,12 @@ def test_an_instruction_base_puts_the_tasks_instruction_under_the_prompt(live_se
 def test_only_bbt_takes_an_instruction_base():
     with pytest.raises(ValueError, match="bbt only"):
         make_tuner("dept", fake_model(), popsize=3, prompt_length=2, init_tokens="instruction")
+
+
+def test_the_default_configuration_is_the_measured_one_and_the_papers_is_one_option_away():
+    from lmaas_client.tuners.bbt import BBTConfig
+
+    default = BBTConfig()
+    assert (default.popsize, default.prompt_length, default.intrinsic_dim, default.calibrate) == (10, 10, 500, True)
+    paper = BBTConfig(popsize=20, prompt_length=50, calibrate=False)
+    assert (paper.popsize, paper.prompt_length, paper.calibrate) == (20, 50, False)

@@ -29,6 +29,11 @@ from lmaas_protocol import ModelInfo
 
 
 class BBTConfig(ProjectedPromptOptions, CMAOptions, TunerConfig):
+    # Smaller than the paper's 20 and 50: at the budgets users pay for (50-500 calls) 10 generations of 20 are
+    # too few for CMA-ES, and 50 prompt tokens cost 40 more tokens per example per call without scoring better
+    # (BENCHMARKS.md, "The default now"); -o popsize=20 -o prompt_length=50 gives the paper's settings.
+    popsize: int = Field(10, ge=3, le=1024, description="CMA-ES population: candidates per generation (paper: 20).")
+    prompt_length: int = Field(10, ge=1, le=4096, description="P prompt tokens (paper: 50).")
     intrinsic_dim: int = Field(500, ge=1, le=100_000, description="d, the dimension CMA-ES searches.")
     projection_site: Literal["server", "client"] = Field(
         "server", description="server: send z and the projection spec (4*d bytes); client: send A z."
