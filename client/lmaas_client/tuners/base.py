@@ -25,6 +25,14 @@ if TYPE_CHECKING:
     from lmaas_client.context import TuneContext
 
 
+# The manual floor's default for the methods measured below the manual prompt at a few hundred calls.
+FLOOR_BY_DEFAULT = Field(
+    True,
+    description="The manual prompt competes in dev selection (see TunerConfig); on by default for this method: "
+    "it scored below the manual prompt at 300 calls on SST-2 (BENCHMARKS.md). -o manual_floor=false turns it off.",
+)
+
+
 class TunerConfig(BaseModel):
     """Fields shared by every tuner; subclasses add their own."""
 
@@ -48,7 +56,8 @@ class TunerConfig(BaseModel):
         False,
         description="The manual prompt (calibrated when the run calibrates) competes in dev selection from the "
         "start: a tuned prompt is handed over only if it scores strictly better on dev (one dev call). Ignored "
-        "with select=train.",
+        "with select=train. On by default for bbtv2, bdpl and dept, which scored below the manual prompt at "
+        "300 calls (BENCHMARKS.md); off for bbt and gdfo.",
     )
 
 

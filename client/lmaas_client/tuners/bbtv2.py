@@ -24,7 +24,7 @@ from pydantic import Field
 
 from lmaas_client.prompts import ProjectedZ, PromptCandidate
 from lmaas_client.tuners import cmaes
-from lmaas_client.tuners.base import TunerConfig
+from lmaas_client.tuners.base import FLOOR_BY_DEFAULT, TunerConfig
 from lmaas_client.tuners.cmaes import CMATuner
 from lmaas_client.tuners.options import CMAOptions, ProjectedPromptOptions
 from lmaas_client.tuners.projection import placeholder_tokens, projection_spec
@@ -32,6 +32,7 @@ from lmaas_protocol import ModelInfo
 
 
 class BBTv2Config(ProjectedPromptOptions, CMAOptions, TunerConfig):
+    manual_floor: bool = FLOOR_BY_DEFAULT
     intrinsic_dim: int = Field(500, ge=1, le=100_000, description="d per layer.")
     prompt_length: int = Field(50, ge=1, le=4096, description="P prompt tokens (every layer).")
     sigma: float = Field(0.2, gt=0, description="CMA-ES initial step size (BBTv2's README: 0.2).")

@@ -74,7 +74,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from lmaas_client.prompts import PromptCandidate
-from lmaas_client.tuners.base import Tuner, TunerConfig
+from lmaas_client.tuners.base import FLOOR_BY_DEFAULT, Tuner, TunerConfig
 from lmaas_protocol import ModelInfo
 from lmaas_protocol.candidates import MAX_PROMPT_TOKENS
 
@@ -88,6 +88,7 @@ SPECIAL_PATTERN = re.compile(r"^(<.*>|\[[A-Z_]+\])$", re.DOTALL)
 
 
 class BDPLConfig(TunerConfig):
+    manual_floor: bool = FLOOR_BY_DEFAULT
     prompt_length: int = Field(10, ge=1, le=MAX_PROMPT_TOKENS, description="n prompt positions (paper: 10; GPT: 20).")
     num_candidates: int = Field(200, ge=2, le=100_000, description="N candidate tokens per position (paper: 200).")
     num_samples: int = Field(20, ge=2, le=1024, description="I prompts sampled per step, one API call each.")

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from lmaas_client.prompts import LowRank, ProjectedZ, PromptCandidate
 from lmaas_client.tuners import cmaes
-from lmaas_client.tuners.base import TunerConfig
+from lmaas_client.tuners.base import FLOOR_BY_DEFAULT, TunerConfig
 from lmaas_client.tuners.cmaes import CMATuner
 from lmaas_client.tuners.options import CMAOptions, ProjectedPromptOptions
 from lmaas_client.tuners.projection import placeholder_tokens, projection_spec
@@ -29,6 +29,7 @@ from lmaas_protocol import ModelInfo, ProjectionSpec, materialize, project
 
 
 class DePTConfig(ProjectedPromptOptions, CMAOptions, TunerConfig):
+    manual_floor: bool = FLOOR_BY_DEFAULT
     prompt_length: int = Field(8, ge=1, le=4096, description="m, the short prompt.")
     prompt_dim: int = Field(300, ge=1, description="d of the prompt's subspace.")
     offset_rank: int = Field(4, ge=1, le=256, description="r.")
