@@ -114,7 +114,7 @@ def tune(
         typer.Option(
             "--option",
             "-o",
-            help="Method option KEY=VALUE (repeatable). Defaults: calibrate=true (a class bias fitted on the training logits, zero calls: measured to help), select=dev, manual_floor=false; bbt: popsize=10, prompt_length=10 (the paper: 20, 50); see the README.",
+            help="Method option KEY=VALUE (repeatable). Defaults: calibrate=true (a class bias fitted on the training logits, zero calls: measured to help), select=dev, manual_floor=false (true for bbtv2, bdpl, dept); bbt: popsize=10, prompt_length=10 (the paper: 20, 50); see the README.",
         ),
     ] = None,
     resume: Annotated[
