@@ -112,6 +112,10 @@ def plot(args: argparse.Namespace) -> None:
     axis.set_xlabel("calls on the training set")
     axis.set_ylabel(f"test accuracy, % ({args.task})")
     axis.set_xscale("log")
+    ticks = [25, 50, 100, 200, 300, 500, 1000]
+    low, high = axis.get_xlim()
+    axis.set_xticks([t for t in ticks if low <= t <= high], [str(t) for t in ticks if low <= t <= high])
+    axis.minorticks_off()
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     axis.set_title(args.title or args.task)
