@@ -20,6 +20,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -41,20 +43,27 @@ def main() -> None:
     parser.add_argument("--variant", action="append", required=True, help="TAG=JSON options")
     args = parser.parse_args()
     variants = dict(v.split("=", 1) for v in args.variant)
+    with served(args.model) as url:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for task in args.tasks.split(","):
+                for tag, options in variants.items():
+                    run_one(url, args, task, seed, tag, json.loads(options))
+
+
+@contextmanager
+def served(model: str | None = None) -> Iterator[str]:
+    """A keyless `lmaas-server` for benchmarks (no budget, no request timeout in the way); yields its URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [str(BIN / "lmaas-server"), "serve", "--no-auth", "--budget", str(10**9), "--port", str(port),
-               "--log-level", "warning", *(["--model", args.model] if args.model else [])]  # fmt: skip
+               "--log-level", "warning", *(["--model", model] if model else [])]  # fmt: skip
     # a loaded 2-core machine can take minutes to score a full test set: no request timeout in the way
     env = {"LMAAS_INPUT_CACHE_BYTES": str(3 * 10**9), "LMAAS_REQUEST_TIMEOUT_S": "7200",
            "LMAAS_STALE_RESERVATION_S": "14400"}  # fmt: skip
     server = subprocess.Popen(command, env={**os.environ, **env})
     try:
         wait_healthy(url, server)
-        for seed in (int(s) for s in args.seeds.split(",")):
-            for task in args.tasks.split(","):
-                for tag, options in variants.items():
-                    run_one(url, args, task, seed, tag, json.loads(options))
+        yield url
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import cma.fitness_models
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from demo import BIN, free_port, wait_healthy
+from bench_levers import served
 
 from lmaas_client import LMaaSClient
 from lmaas_client.evaluation import TaskScorer
@@ -44,6 +39,7 @@ class Objective:
     def __init__(self, scorer: TaskScorer, train, tuner, budget: int):
         self.scorer, self.train, self.tuner, self.budget = scorer, train, tuner, budget
         self.calls, self.best_loss, self.best_z, self.curve = 0, float("inf"), None, []
+        self.best_calibration = None  # the best point's class bias, fitted on its training logits
 
     def __call__(self, z: np.ndarray) -> float:
         if self.calls >= self.budget:
@@ -52,6 +48,7 @@ class Objective:
         self.calls += 1
         if scores.loss < self.best_loss:
             self.best_loss, self.best_z = scores.loss, np.array(z, dtype=np.float64)
+            self.best_calibration = scores.calibration
         self.curve.append((self.calls, round(self.best_loss, 5)))
         return scores.loss
 
@@ -71,10 +68,7 @@ def search(scorer: TaskScorer, data, info, args, dim: int, surrogate: bool) -> d
     except Spent:
         true_evals.append(objective.calls - before)
     best = tuner.prompt(objective.best_z)
-    fitted = scorer.score(data.train, [best], "ce", cached=True, calibrate=True)[0]  # not counted: reporting
-    test = scorer.score(data.test, [best], "ce", cached=True, calibration=fitted.calibration)[
-        0
-    ]  # both searches: one KV
+    test = scorer.score(data.test, [best], "ce", cached=True, calibration=objective.best_calibration)[0]
     return {"dim": dim, "surrogate": surrogate, "calls": objective.calls, "generations": len(true_evals),
             "true_evals_per_generation": true_evals, "best_train_loss": objective.best_loss,
             "loss_at": {c: loss for c, loss in objective.curve if c in (25, 50, 100, 150, 200, 300, 500)},
@@ -90,31 +84,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([str(BIN / "lmaas-server"), "serve", "--no-auth", "--budget", str(10**9), "--port",
-                               str(port), "--log-level", "warning"],
-                              env={**os.environ, "LMAAS_REQUEST_TIMEOUT_S": "7200"})  # fmt: skip
     results = json.loads(args.out.read_text()) if args.out.exists() else []
-    try:
-        wait_healthy(url, server)
-        with LMaaSClient(url, timeout=7200.0) as client:
-            task = resolve_task(args.task)
-            scorer = TaskScorer(client, task, "suffix")
-            data = load_task_data(task, args.seed, None, "full")
-            for dim in (int(d) for d in args.dims.split(",")):
-                for surrogate in (False, True):
-                    done = {(r["task"], r["seed"], r["dim"], r["surrogate"], r["calls"]) for r in results}
-                    if (args.task, args.seed, dim, surrogate, args.budget) in done:
-                        continue
-                    result = {"task": args.task, "seed": args.seed, **search(scorer, data, client.model_info(),
-                                                                             args, dim, surrogate)}  # fmt: skip
-                    print(json.dumps(result), flush=True)
-                    results.append(result)
-                    args.out.write_text(json.dumps(results, indent=1) + "\n")
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    with served() as url, LMaaSClient(url, timeout=7200.0) as client:
+        task = resolve_task(args.task)
+        scorer = TaskScorer(client, task, "suffix")
+        data = load_task_data(task, args.seed, None, "full")
+        for dim in (int(d) for d in args.dims.split(",")):
+            for surrogate in (False, True):
+                done = {(r["task"], r["seed"], r["dim"], r["surrogate"], r["calls"]) for r in results}
+                if (args.task, args.seed, dim, surrogate, args.budget) in done:
+                    continue
+                result = {"task": args.task, "seed": args.seed,
+                          **search(scorer, data, client.model_info(), args, dim, surrogate)}  # fmt: skip
+                print(json.dumps(result), flush=True)
+                results.append(result)
+                args.out.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def plot(args: argparse.Namespace) -> None:
                     axis.axhline(100 * value[0], color="grey", linestyle=style, label=label)
             drawn_baselines = True
     for series in args.level or []:  # a method that spends no search calls (white-box prompt tuning): its level
-        value = baseline(series.runs(args.task), "test_acc") if series.runs(args.task) else None
+        runs = series.runs(args.task)
+        value = baseline(runs, "test_acc") if runs else None
         if value is not None:
             axis.axhline(100 * value[0], color="black", linestyle="-.", label=f"{series.label} (no calls)")
     axis.set_xlabel("calls on the training set")
