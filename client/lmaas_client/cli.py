@@ -22,6 +22,7 @@ from lmaas_client.peft_export import SIDECAR, export_peft
 from lmaas_client.predict import DeployedPrompt, OutputFile, Predictor, predict_file
 from lmaas_client.prompt_io import load_prompt
 from lmaas_client.results import Progress as RunProgress
+from lmaas_client.results import RunResult
 from lmaas_client.run import Run, RunConfig
 from lmaas_client.tasks import TASKS
 from lmaas_client.tasks.data import load_split, load_test
@@ -114,7 +115,7 @@ def tune(
         typer.Option(
             "--option",
             "-o",
-            help="Method option KEY=VALUE (repeatable). Defaults: calibrate=true (a class bias fitted on the training logits, zero calls: measured to help), select=dev, manual_floor=false (true for bbtv2, bdpl, dept); bbt: popsize=10, prompt_length=10 (the paper: 20, 50); see the README.",
+            help="Method option KEY=VALUE (repeatable). Defaults: calibrate=true (a class bias fitted on the training logits, zero calls: measured to help), select=dev, manual_floor=true (false for gdfo); bbt: popsize=10, prompt_length=10 (the paper: 20, 50); see the README.",
         ),
     ] = None,
     resume: Annotated[
@@ -178,9 +179,14 @@ def tune(
         raise typer.Exit(EXIT_BUDGET)
     console.print(
         f"[bold]{run.task.name}/{config.method}[/] seed {config.seed}: manual prompt {result.manual_prompt_test_acc:.4f} "
-        f"(calibrated {_fmt(result.manual_calibrated_test_acc)}) -> tuned {result.test_acc:.4f} test {result.metric} (best dev {_fmt(result.best_dev_acc)}); calls used "
+        f"(calibrated {_fmt(result.manual_calibrated_test_acc)}) -> {_handed_over(result)} {result.test_acc:.4f} test {result.metric} (best dev {_fmt(result.best_dev_acc)}); calls used "
         f"{result.calls_used}/{config.budget} (+{result.eval_calls} for dev/test); {result.seconds:.0f} s; wrote {out}"
     )
+
+
+def _handed_over(result: RunResult) -> str:
+    # the manual floor kept the manual prompt: say so rather than call it tuned
+    return "kept the manual prompt (no tuned prompt beat it on dev)" if result.manual_kept else "tuned"
 
 
 def _fmt(value: float | None) -> str:

@@ -39,6 +39,8 @@ class RunResult:
     config: dict[str, Any]
     curve: list[dict[str, float | None]]
     manual_calibrated_test_acc: float | None = None  # the manual prompt after a bias fitted on train
+    # the run handed over the manual prompt itself (manual floor: no tuned prompt beat it strictly on dev)
+    manual_kept: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

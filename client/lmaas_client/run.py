@@ -355,6 +355,7 @@ class Run:
             best_dev_acc=self.selection.best_score, test_acc=test_score, test_size=len(data.test),
             test_full_size=data.test_full_size, seconds=round(state.seconds, 2), best_train_loss=self.tuner.best_loss,
             status=status, curve=state.curve, manual_calibrated_test_acc=state.manual_calibrated_test,
+            manual_kept=self.best_prompt is not None and self.best_prompt.empty,
             config={**self.tuner.config.model_dump(), "placement": config.placement, "eval_every": config.eval_every},
         )  # fmt: skip
 

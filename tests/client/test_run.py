@@ -72,7 +72,9 @@ def test_the_select_option_reaches_the_run_train_selection_spends_no_dev_calls(l
     with live_server("llama", budget=1000) as server, LMaaSClient(server.url) as client:
         for mode in ("dev", "train"):
             base = config(9)
-            chosen = RunConfig(**{**base.__dict__, "options": {**base.options, "select": mode}})
+            # without the manual floor, whose dev call (and kept manual prompt) would blur the count below
+            options = {**base.options, "select": mode, "manual_floor": False}
+            chosen = RunConfig(**{**base.__dict__, "options": options})
             results[mode] = Run.create(tmp_path / mode, chosen, client).tune()
     # the same search either way; "dev" pays 3 dev evaluations on top of the manual and final test scorings
     assert results["dev"].best_train_loss == results["train"].best_train_loss
@@ -95,6 +97,7 @@ def test_the_manual_floor_adds_one_dev_call_and_hands_over_the_manual_prompt_unl
     assert floored.best_train_loss == plain.best_train_loss  # the same search
     assert floored.best_dev_acc >= plain.best_dev_acc
     manual = plain.manual_calibrated_test_acc if calibrate else plain.manual_prompt_test_acc
+    assert floored.manual_kept is prompts[True].empty and plain.manual_kept is False  # result.json says which
     if prompts[True].empty:  # kept: the manual prompt's own test score (calibrated as the run is), already known
         assert floored.test_acc == pytest.approx(manual)
         assert floored.eval_calls == plain.eval_calls  # + the manual prompt on dev, - the final test scoring

@@ -255,8 +255,9 @@ def test_test_at_records_a_learning_curve_on_test(live_server):
     assert all(score is not None and score * 16 == round(score * 16) for _, score in tested)  # 2 -> first gen (3)
     assert all(p["dev_score"] is not None for p in result.curve)  # each test point ends like a run of that budget
     assert result.test_acc == tested[-1][1]  # the last point is the final test: not scored twice
-    # manual test + its calibration on train + 3 dev evaluations + 3 test scorings (one call each); nothing more
-    assert result.eval_calls == 8 and used == result.calls_used + result.eval_calls
+    # manual test + its calibration on train + the manual prompt on dev (the manual floor, on by default)
+    # + 3 dev evaluations + 3 test scorings (one call each); nothing more
+    assert not result.manual_kept and result.eval_calls == 9 and used == result.calls_used + result.eval_calls
 
 
 def test_cli_resume_refuses_a_checkpoint_that_would_run_code(live_server, tmp_path):

@@ -116,9 +116,9 @@ def test_a_scored_mean_with_the_lowest_loss_becomes_the_best_prompt():
         tuner.tell([1.0] * tuner.config.popsize)
 
 
-def test_the_manual_floor_is_on_by_default_only_for_the_methods_measured_below_the_manual_prompt():
+def test_the_manual_floor_is_on_by_default_only_for_the_black_box_methods_it_was_measured_with():
     defaults = {name: cls.config_class().manual_floor for name, cls in TUNERS.items() if name != "gdfo"}
-    assert defaults == {"manual": False, "icl": False, "bbt": False, "bbtv2": True, "bdpl": True, "dept": True,
+    assert defaults == {"manual": False, "icl": False, "bbt": True, "bbtv2": True, "bdpl": True, "dept": True,
                         "prompt-tuning": False}  # fmt: skip
     assert TUNERS["gdfo"].config_class.model_fields["manual_floor"].default is False
     assert TUNERS["bbtv2"].config_class(manual_floor=False).manual_floor is False

@@ -21,7 +21,7 @@ from lmaas_client.context import TuneContext
 from lmaas_client.prompts import ProjectedZ, PromptCandidate
 from lmaas_client.tasks import TaskError
 from lmaas_client.tuners import cmaes
-from lmaas_client.tuners.base import TunerConfig
+from lmaas_client.tuners.base import FLOOR_BY_DEFAULT, TunerConfig
 from lmaas_client.tuners.cmaes import CMATuner
 from lmaas_client.tuners.options import CMAOptions, ProjectedPromptOptions
 from lmaas_client.tuners.projection import placeholder_tokens, projection_spec
@@ -38,6 +38,8 @@ class BBTConfig(ProjectedPromptOptions, CMAOptions, TunerConfig):
     projection_site: Literal["server", "client"] = Field(
         "server", description="server: send z and the projection spec (4*d bytes); client: send A z."
     )
+    # SmolLM2 SST-2, 3 seeds at 200 calls: 77.1 -> 79.2 with the floor; never lower from 100 calls on (BENCHMARKS.md)
+    manual_floor: bool = FLOOR_BY_DEFAULT
 
 
 class BBTTuner(CMATuner):

@@ -46,11 +46,14 @@ import numpy as np
 from pydantic import Field
 
 from lmaas_client.tuners.bbt import BBTConfig, BBTTuner
+from lmaas_client.tuners.base import TunerConfig
 from lmaas_client.tuners.projection import placeholder_tokens, projection_spec
 from lmaas_protocol import ModelInfo, materialize
 
 
 class GDFOConfig(BBTConfig):
+    # not measured with GDFO: the shared default (off) rather than BBT's
+    manual_floor: bool = TunerConfig.model_fields["manual_floor"]
     student: str | None = Field(
         None, description="Local student LM: hub id, folder or .gguf; None = the offline default (SmolLM2-135M)."
     )

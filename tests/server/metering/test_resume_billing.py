@@ -34,9 +34,9 @@ def test_a_run_killed_mid_request_and_resumed_pays_exactly_what_it_reports(datab
 
         def slow_fourth(*args, **kwargs):
             seen.append(1)
-            if (
-                len(seen) == 5
-            ):  # a request of the first generations (after manual test, its calibration, two train calls): the client dies while it runs
+            # a request of the first generation (after the manual prompt's test, its calibration on train, its dev
+            # score for the manual floor, and two train calls): the client dies while it runs
+            if len(seen) == 6:
                 in_flight.set()
                 time.sleep(2)
             return real(*args, **kwargs)
