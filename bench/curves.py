@@ -9,6 +9,10 @@ and the calibrated manual prompt (when the runs recorded it) are drawn as flat l
         --series "BBT, calibrated=bench/results/calib/smollm2:bbt-cal" --out bench/results/curves/sst2.png
     python bench/curves.py plot ... --level "white-box prompt tuning=bench/results/calib/smollm2-bf16:prompt-tuning"
     python bench/curves.py table --at 300 --task sst2 --task agnews --series ...
+    python bench/curves.py plot ... --series "default=ROOT:default500@ROOT/sst2-manual-floor-3seeds.json"
+
+`@FLOOR_JSON` after a series reads its test points as the manual floor hands them over (a replay written by
+`bench/manual_floor.py --json`): runs made before the floor was a default, drawn as that default ends.
 
 Spread: mean ± standard deviation over seeds, and the binomial 95 % interval of the mean accuracy
 (normal approximation over all seeds' test examples, 1.96 * sqrt(p (1 - p) / (seeds * test examples))).
@@ -34,14 +38,16 @@ class Series:
     label: str
     root: Path
     tag: str
+    floor: Path | None = None  # a `bench/manual_floor.py --json` report: the runs' curves with the manual floor
 
     @classmethod
     def parse(cls, text: str) -> Series:
         label, _, location = text.partition("=")
+        location, _, floor = location.partition("@")
         root, _, tag = location.rpartition(":")
         if not (label and root and tag):
-            raise argparse.ArgumentTypeError(f"--series {text!r}: expected LABEL=ROOT:TAG")
-        return cls(label, Path(root), tag)
+            raise argparse.ArgumentTypeError(f"--series {text!r}: expected LABEL=ROOT:TAG[@FLOOR_JSON]")
+        return cls(label, Path(root), tag, Path(floor) if floor else None)
 
     def runs(self, task: str) -> list[dict]:
         paths = sorted(
@@ -50,7 +56,17 @@ class Series:
             if p.parent.name.removeprefix(f"{self.tag}-").isdigit()
         )  # "bbt-13", not "bbt-cal-13"
         runs = [json.loads(p.read_text()) for p in paths]
-        return [r for r in runs if r.get("status", "completed") == "completed" or r.get("curve")]
+        runs = [r for r in runs if r.get("status", "completed") == "completed" or r.get("curve")]
+        return [self._floored(r) for r in runs] if self.floor else runs
+
+    def _floored(self, run: dict) -> dict:
+        """The run as it ends with the manual floor: each test point replaced by the replay's `floor_test`."""
+        replayed = json.loads(self.floor.read_text())["runs"].get(f"{self.tag}-{run['seed']}")  # type: ignore[union-attr]
+        if replayed is None:
+            raise SystemExit(f"{self.floor}: no replay of {self.tag}-{run['seed']}; run bench/manual_floor.py on it")
+        floor = {p["calls"]: p["floor_test"] for p in replayed["points"]}
+        curve = [{**p, "test_score": floor.get(p["calls"], p.get("test_score"))} for p in run["curve"]]
+        return {**run, "curve": curve}
 
 
 @dataclass
