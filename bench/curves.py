@@ -61,7 +61,8 @@ class Series:
 
     def _floored(self, run: dict) -> dict:
         """The run as it ends with the manual floor: each test point replaced by the replay's `floor_test`."""
-        replayed = json.loads(self.floor.read_text())["runs"].get(f"{self.tag}-{run['seed']}")  # type: ignore[union-attr]
+        report = json.loads(self.floor.read_text())  # type: ignore[union-attr]
+        replayed = report["runs"].get(f"{self.tag}-{run['seed']}")
         if replayed is None:
             raise SystemExit(f"{self.floor}: no replay of {self.tag}-{run['seed']}; run bench/manual_floor.py on it")
         floor = {p["calls"]: p["floor_test"] for p in replayed["points"]}

@@ -30,8 +30,12 @@ def table(*series: str) -> str:
 def test_a_floor_replay_replaces_the_test_points_it_kept_the_manual_prompt_at(tmp_path):
     write_run(tmp_path, "bbt", 13, {50: 0.60, 100: 0.70})
     write_run(tmp_path, "bbt", 42, {50: 0.62, 100: 0.90})
-    replay = {"runs": {"bbt-13": {"points": [{"calls": 50, "floor_test": 0.8}, {"calls": 100, "floor_test": 0.8}]},
-                       "bbt-42": {"points": [{"calls": 50, "floor_test": 0.8}, {"calls": 100, "floor_test": 0.9}]}}}
+    replay = {
+        "runs": {
+            "bbt-13": {"points": [{"calls": 50, "floor_test": 0.8}, {"calls": 100, "floor_test": 0.8}]},
+            "bbt-42": {"points": [{"calls": 50, "floor_test": 0.8}, {"calls": 100, "floor_test": 0.9}]},
+        }
+    }
     (tmp_path / "floor.json").write_text(json.dumps(replay))
     out = table(f"plain={tmp_path}:bbt", f"floored={tmp_path}:bbt@{tmp_path / 'floor.json'}")
     assert "| plain | 80.0 ± 14.1" in out  # (70 + 90) / 2, two seeds

@@ -49,7 +49,8 @@ class TunerConfig(BaseModel):
         description="The manual prompt (calibrated when the run calibrates) competes in dev selection from the "
         "start: a tuned prompt is handed over only if it scores strictly better on dev (one dev call). Ignored "
         "with select=train. On by default for bbt, bbtv2, bdpl and dept: it lifted the runs that ended below the "
-        "manual prompt and lowered none at 100 calls or more (BENCHMARKS.md); off for gdfo (not measured).",
+        "manual prompt and lowered no calibrated run at 100 calls or more (BENCHMARKS.md); off for gdfo "
+        "(not measured).",
     )
 
 

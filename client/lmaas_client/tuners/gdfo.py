@@ -45,8 +45,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from lmaas_client.tuners.bbt import BBTConfig, BBTTuner
 from lmaas_client.tuners.base import TunerConfig
+from lmaas_client.tuners.bbt import BBTConfig, BBTTuner
 from lmaas_client.tuners.projection import placeholder_tokens, projection_spec
 from lmaas_protocol import ModelInfo, materialize
 
