@@ -90,9 +90,10 @@ def main() -> None:
             # with the manual floor (on by default) a run whose search beat nothing on dev keeps the manual prompt
             ("kept: manual prompt, no tuned one beat it on dev" if result.get("manual_kept") else "BBT-tuned prompt",
              result["test_acc"])]  # fmt: skip
+    width = max(len(label) for label, _ in rows) + 1
     for label, value in rows:
         if value is not None:
-            print(f"  {label + ':':<44} {value:.4f}")
+            print(f"  {label + ':':<{width}} {value:.4f}")
     print(f"  calls used for tuning: {result['calls_used']} of {result['budget']} "
           f"(+{result['eval_calls']} for dev selection and test scoring); {result['seconds']:.0f} s")  # fmt: skip
     print(f"  the server charged the key {usage['used']} calls of its budget of {usage['budget']} (GET /v1/usage)")
