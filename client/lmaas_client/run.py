@@ -345,6 +345,11 @@ class Run:
         self.selection.load_state_dict(payload["selection"])
         return RunState(**payload["state"])
 
+    def _manual_kept(self) -> bool:
+        """The manual floor handed over the manual prompt (not the `manual` method, whose prompt it is anyway)."""
+        floor = bool(getattr(self.tuner.config, "manual_floor", False))
+        return floor and self.best_prompt is not None and self.best_prompt.empty
+
     def _result(self, test_score: float | None, status: str) -> RunResult:
         config, info, state, data = self.config, self.scorer.info, self.state, self.data
         return RunResult(
@@ -355,7 +360,7 @@ class Run:
             best_dev_acc=self.selection.best_score, test_acc=test_score, test_size=len(data.test),
             test_full_size=data.test_full_size, seconds=round(state.seconds, 2), best_train_loss=self.tuner.best_loss,
             status=status, curve=state.curve, manual_calibrated_test_acc=state.manual_calibrated_test,
-            manual_kept=self.best_prompt is not None and self.best_prompt.empty,
+            manual_kept=self._manual_kept(),
             config={**self.tuner.config.model_dump(), "placement": config.placement, "eval_every": config.eval_every},
         )  # fmt: skip
 

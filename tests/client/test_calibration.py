@@ -149,3 +149,4 @@ def test_the_manual_method_reports_the_calibrated_manual_prompt_too(live_server,
     assert manual.test_acc == manual.manual_prompt_test_acc
     assert manual.manual_calibrated_test_acc is not None  # `--method manual` reports both
     assert manual_calibrated.test_acc == manual.manual_calibrated_test_acc  # calibrate=True hands that one over
+    assert not manual.manual_kept and not manual_calibrated.manual_kept  # the method's own prompt: not a floor

@@ -38,7 +38,7 @@ class BBTConfig(ProjectedPromptOptions, CMAOptions, TunerConfig):
     projection_site: Literal["server", "client"] = Field(
         "server", description="server: send z and the projection spec (4*d bytes); client: send A z."
     )
-    # SmolLM2 SST-2, 3 seeds at 200 calls: 77.1 -> 79.2 with the floor; never lower from 100 calls on (BENCHMARKS.md)
+    # SmolLM2 SST-2, 3 seeds at 200 calls: 77.1 -> 79.2 with the floor; no calibrated run lower from 100 calls on
     manual_floor: bool = FLOOR_BY_DEFAULT
 
 
