@@ -57,12 +57,14 @@ class Series:
         )  # "bbt-13", not "bbt-cal-13"
         runs = [json.loads(p.read_text()) for p in paths]
         runs = [r for r in runs if r.get("status", "completed") == "completed" or r.get("curve")]
-        return [self._floored(r) for r in runs] if self.floor else runs
+        if self.floor is None:
+            return runs
+        replays = json.loads(self.floor.read_text())["runs"]  # read once for all the series' runs
+        return [self._floored(r, replays) for r in runs]
 
-    def _floored(self, run: dict) -> dict:
+    def _floored(self, run: dict, replays: dict) -> dict:
         """The run as it ends with the manual floor: each test point replaced by the replay's `floor_test`."""
-        report = json.loads(self.floor.read_text())  # type: ignore[union-attr]
-        replayed = report["runs"].get(f"{self.tag}-{run['seed']}")
+        replayed = replays.get(f"{self.tag}-{run['seed']}")
         if replayed is None:
             raise SystemExit(f"{self.floor}: no replay of {self.tag}-{run['seed']}; run bench/manual_floor.py on it")
         floor = {p["calls"]: p["floor_test"] for p in replayed["points"]}

@@ -19,12 +19,11 @@ def write_run(root, tag: str, seed: int, scores: dict[int, float]) -> None:
     (folder / "result.json").write_text(json.dumps(result))
 
 
-def table(*series: str) -> str:
+def table(*series: str, check: bool = True) -> subprocess.CompletedProcess:
     args = [sys.executable, str(REPO / "bench" / "curves.py"), "table", "--task", "sst2", "--at", "100"]
     for text in series:
         args += ["--series", text]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=True)
-    return done.stdout
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=check)
 
 
 def test_a_floor_replay_replaces_the_test_points_it_kept_the_manual_prompt_at(tmp_path):
@@ -37,7 +36,7 @@ def test_a_floor_replay_replaces_the_test_points_it_kept_the_manual_prompt_at(tm
         }
     }
     (tmp_path / "floor.json").write_text(json.dumps(replay))
-    out = table(f"plain={tmp_path}:bbt", f"floored={tmp_path}:bbt@{tmp_path / 'floor.json'}")
+    out = table(f"plain={tmp_path}:bbt", f"floored={tmp_path}:bbt@{tmp_path / 'floor.json'}").stdout
     assert "| plain | 80.0 ± 14.1" in out  # (70 + 90) / 2, two seeds
     assert "| floored | 85.0 ± 7.1" in out  # seed 13 keeps the manual prompt (80), seed 42 its tuned one (90)
     assert "| manual prompt, calibrated | 80.0" in out
@@ -46,7 +45,5 @@ def test_a_floor_replay_replaces_the_test_points_it_kept_the_manual_prompt_at(tm
 def test_a_floor_replay_missing_a_run_is_refused_by_name(tmp_path):
     write_run(tmp_path, "bbt", 13, {100: 0.7})
     (tmp_path / "floor.json").write_text(json.dumps({"runs": {}}))
-    args = [sys.executable, str(REPO / "bench" / "curves.py"), "table", "--task", "sst2", "--at", "100",
-            "--series", f"x={tmp_path}:bbt@{tmp_path / 'floor.json'}"]  # fmt: skip
-    done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    done = table(f"x={tmp_path}:bbt@{tmp_path / 'floor.json'}", check=False)
     assert done.returncode != 0 and "no replay of bbt-13" in done.stderr

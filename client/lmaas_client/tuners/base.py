@@ -54,7 +54,7 @@ class TunerConfig(BaseModel):
     )
 
 
-# manual_floor for the methods where it was measured (never lower from 100 calls on): on by default, same description
+# manual_floor for the methods where it was measured (no calibrated run lower from 100 calls on): on by default
 FLOOR_BY_DEFAULT = Field(True, description=TunerConfig.model_fields["manual_floor"].description)
 
 
